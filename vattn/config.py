@@ -1,0 +1,49 @@
+"""Engine configuration: one dataclass, validated once, shared by every layer below the API."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
+
+KV_CACHE_KINDS = ("vattention", "paged")
+PREEMPTION_MODES = ("recompute", "swap")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class EngineConfig:
+    model: str = str(DEFAULT_MODEL_DIR)
+    kv_cache: str = "vattention"  # "vattention" (virtually contiguous) or "paged" (block tables)
+    device: str = "auto"  # "auto" picks cuda when available, else cpu
+    dtype: str = "auto"  # "auto": bfloat16 on GPU, float32 on CPU
+    kv_cache_memory: int | None = None  # bytes of physical KV pool; None: 1 GiB on CPU, 90% free on GPU
+    page_size: int | None = None  # bytes per physical page; None: 64 KiB host, driver granularity on GPU
+    block_size: int = 16  # tokens per block on the paged path
+    max_num_seqs: int = 16
+    max_model_len: int | None = None  # None: the model's max_position_embeddings, capped at 4096
+    max_num_batched_tokens: int = 2048
+    enable_prefix_caching: bool = True
+    preemption_mode: str | None = None  # None: "swap" on GPU, "recompute" on CPU
+    background_mapping: bool = True  # map next step's pages on a helper thread
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kv_cache not in KV_CACHE_KINDS:
+            raise ValueError(f"kv_cache must be one of {KV_CACHE_KINDS}, got {self.kv_cache!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.preemption_mode is not None and self.preemption_mode not in PREEMPTION_MODES:
+            raise ValueError(f"preemption_mode must be one of {PREEMPTION_MODES}, got {self.preemption_mode!r}")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise ValueError(f"kv_cache_memory must be > 0 bytes, got {self.kv_cache_memory}")
+        if not os.path.isdir(self.model):
+            raise FileNotFoundError(f"model directory not found: {self.model}")
