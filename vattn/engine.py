@@ -1,0 +1,251 @@
+"""The engine: requests in, one step at a time, RequestOutputs out. The server and `LLM` both drive it."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoTokenizer
+
+from vattn.config import EngineConfig
+from vattn.detokenizer import IncrementalDetokenizer
+from vattn.kv_cache import KVStats, create_kv_cache
+from vattn.loader import load_model
+from vattn.model_runner import ModelRunner
+from vattn.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from vattn.sampler import Sampler, SamplingRow, prompt_logprobs
+from vattn.sampling_params import SamplingParams
+from vattn.scheduler import Scheduler
+from vattn.sequence import Request, Sequence, SequenceStatus
+from vattn.stop import StopChecker
+
+log = logging.getLogger("vattn.engine")
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was asked for but no CUDA GPU is available")
+    if device.type not in ("cuda", "cpu"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {name!r}")
+    return device
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_preemptions: int
+    prompt_tokens: int
+    generation_tokens: int
+    kv: KVStats
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.device = resolve_device(config.device)
+        if config.dtype == "auto":
+            self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        else:
+            self.dtype = _DTYPES[config.dtype]
+        torch.manual_seed(config.seed)
+        self.tokenizer = AutoTokenizer.from_pretrained(config.model)
+        self.model, self.spec = load_model(config.model, self.dtype, self.device)
+        self.max_model_len = config.max_model_len or min(self.spec.max_position_embeddings, 4096)
+        self.eos_token_ids = set(self.spec.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            self.eos_token_ids.add(self.tokenizer.eos_token_id)
+        self.kv = create_kv_cache(
+            config.kv_cache, spec=self.spec, dtype=self.dtype, device=self.device,
+            max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len,
+            memory_bytes=config.kv_cache_memory or self._default_kv_memory(), page_size=config.page_size,
+            block_size=config.block_size, background_mapping=config.background_mapping,
+            enable_prefix_caching=config.enable_prefix_caching)
+        swapper = None
+        mode = config.preemption_mode or ("swap" if self.device.type == "cuda" else "recompute")
+        if mode == "swap":
+            from vattn.swap import Swapper
+            swapper = Swapper(self.kv)
+        self.preemption_mode = mode
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, swapper)
+        self.runner = ModelRunner(self.model, self.device)
+        self.sampler = Sampler()
+        self.requests: dict[str, Request] = {}
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        self._prompt_logit_chunks: dict[str, list[torch.Tensor]] = {}
+
+    def _default_kv_memory(self) -> int:
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return int(free * 0.85) - (1 << 30)
+        return 1 << 30  # 1 GiB of host pages: fits a 24 GiB machine with room to spare
+
+    # -- requests -------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: str | None = None, params: SamplingParams | None = None,
+                    prompt_token_ids: list[int] | None = None, arrival_time: float | None = None) -> None:
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        params = params or SamplingParams()
+        if prompt_token_ids is None:
+            if not isinstance(prompt, str):
+                raise ValueError("prompt must be a string (or give prompt_token_ids)")
+            prompt_token_ids = self.tokenizer.encode(prompt)
+        prompt_token_ids = [int(t) for t in prompt_token_ids]
+        if not prompt_token_ids:
+            raise ValueError("prompt must not be empty")
+        bad = [t for t in prompt_token_ids if not 0 <= t < self.spec.vocab_size]
+        if bad:
+            raise ValueError(f"prompt_token_ids has ids outside the vocabulary [0, {self.spec.vocab_size}): {bad[:5]}")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise ValueError(f"prompt is {len(prompt_token_ids)} tokens but max_model_len is {self.max_model_len}: "
+                             "the prompt plus at least one generated token must fit")
+        if params.use_beam_search:
+            raise ValueError("beam search runs through LLM.beam_search(), not add_request()")
+        seqs = []
+        for i in range(params.n):
+            gen = None
+            if params.seed is not None:
+                gen = torch.Generator(device=self.device).manual_seed(params.seed + i)
+            seqs.append(Sequence(
+                request_id=request_id, index=i, prompt_token_ids=list(prompt_token_ids), params=params,
+                detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens),
+                stop_checker=StopChecker(params.stop or [], params.include_stop_str_in_output), generator=gen,
+                logprobs=[] if params.logprobs is not None else None))
+        self.prompt_tokens_total += len(prompt_token_ids)
+        req = Request(request_id, prompt, list(prompt_token_ids), params, seqs,
+                      RequestMetrics(arrival_time=arrival_time or time.time()))
+        self.requests[request_id] = req
+        for s in seqs:
+            self.scheduler.add(s)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        for seq in req.seqs:
+            if not seq.is_finished:
+                self._finish(seq, "abort")
+        self._prompt_logit_chunks.pop(request_id, None)
+        req.metrics.finished_time = time.time()
+        return self._output(req)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # -- the step -------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        for seq in batch.preempted:
+            self.requests[seq.request_id].metrics.num_preemptions += 1
+        if not batch:
+            return self._fail_unschedulable()
+        now = time.time()
+        want_prompt = set()
+        for seq in batch.seqs:
+            req = self.requests[seq.request_id]
+            req.metrics.first_scheduled_time = req.metrics.first_scheduled_time or now
+            if (seq.index == 0 and req.params.prompt_logprobs is not None and req.prompt_logprobs is None
+                    and seq.num_computed_tokens < len(req.prompt_token_ids)):
+                want_prompt.add(seq.seq_id)
+        out = self.runner.run(batch.seqs, batch.query_lens, self.kv, want_prompt)
+        for seq, q in zip(batch.seqs, batch.query_lens):
+            seq.num_computed_tokens += q
+            if seq.seq_id in out.prompt_logits:
+                self._collect_prompt_logits(seq, out.prompt_logits[seq.seq_id])
+        touched: dict[str, Request] = {}
+        if out.sample_seqs:
+            rows = [SamplingRow(s.params, s.prompt_token_ids, s.output_token_ids, s.generator,
+                                tuple(self.eos_token_ids)) for s in out.sample_seqs]
+            results = self.sampler(out.sample_logits, rows)
+            now = time.time()
+            for seq, res in zip(out.sample_seqs, results):
+                req = self.requests[seq.request_id]
+                req.metrics.first_token_time = req.metrics.first_token_time or now
+                self._append_token(seq, res)
+                touched[req.request_id] = req
+        outputs = []
+        for req in touched.values():
+            if req.finished:
+                req.metrics.finished_time = time.time()
+                del self.requests[req.request_id]
+            outputs.append(self._output(req))
+        return outputs
+
+    def _fail_unschedulable(self) -> list[RequestOutput]:
+        """Nothing could run although work waits: the head sequence can never fit. Fail its request."""
+        if self.scheduler.running or not self.scheduler.waiting:
+            return []
+        seq = self.scheduler.waiting[0]
+        log.error("request %s cannot fit in the KV cache (%d tokens); aborting it", seq.request_id, len(seq))
+        return [out for out in [self.abort(seq.request_id)] if out is not None]
+
+    def _collect_prompt_logits(self, seq: Sequence, logits: torch.Tensor) -> None:
+        req = self.requests[seq.request_id]
+        chunks = self._prompt_logit_chunks.setdefault(req.request_id, [])
+        chunks.append(logits)
+        n_prompt = len(req.prompt_token_ids)
+        if seq.num_computed_tokens >= n_prompt:
+            all_logits = torch.cat(self._prompt_logit_chunks.pop(req.request_id))[: n_prompt - 1]
+            req.prompt_logprobs = prompt_logprobs(all_logits, req.prompt_token_ids, req.params.prompt_logprobs)
+
+    def _append_token(self, seq: Sequence, res) -> None:
+        p = seq.params
+        seq.output_token_ids.append(res.token_id)
+        self.generation_tokens_total += 1
+        seq.cumulative_logprob += res.logprob
+        if seq.logprobs is not None:
+            seq.logprobs.append(res.top_logprobs or {res.token_id: res.logprob})
+        delta = seq.detokenizer.append(res.token_id)
+        seq.text = seq.detokenizer.text
+        seq.streamable_len = len(seq.text)
+        n_out = len(seq.output_token_ids)
+        if n_out >= p.min_tokens:
+            if res.token_id in self.eos_token_ids and not p.ignore_eos:
+                return self._finish(seq, "stop")
+            if p.stop_token_ids and res.token_id in p.stop_token_ids:
+                return self._finish(seq, "stop", res.token_id)
+            if p.stop:
+                r = seq.stop_checker.check(seq.text, len(delta))
+                seq.text, seq.streamable_len = r.text, r.safe_len
+                if r.stopped:
+                    seq.streamable_len = len(seq.text)
+                    return self._finish(seq, "stop", r.stop_str)
+        if (p.max_tokens is not None and n_out >= p.max_tokens) or len(seq) >= self.max_model_len:
+            self._finish(seq, "length")
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason=None) -> None:
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
+        seq.status = SequenceStatus.FINISHED
+        seq.streamable_len = len(seq.text)
+        self.scheduler.remove(seq)
+
+    def _output(self, req: Request) -> RequestOutput:
+        outs = [CompletionOutput(
+            index=s.index, text=s.text[: s.streamable_len], token_ids=list(s.output_token_ids),
+            cumulative_logprob=s.cumulative_logprob if s.logprobs is not None else None,
+            logprobs=list(s.logprobs) if s.logprobs is not None else None,
+            finish_reason=s.finish_reason, stop_reason=s.stop_reason) for s in req.seqs]
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, req.finished, req.metrics,
+                             req.prompt_logprobs, req.num_cached_tokens)
+
+    # -- introspection ----------------------------------------------------------------------------
+    def kv_stats(self) -> KVStats:
+        return self.kv.stats()
+
+    def stats(self) -> EngineStats:
+        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting),
+                           self.scheduler.num_preemptions, self.prompt_tokens_total,
+                           self.generation_tokens_total, self.kv.stats())
+
+    def close(self) -> None:
+        for rid in list(self.requests):
+            self.abort(rid)
+        self.kv.close()

@@ -1,0 +1,220 @@
+"""The vAttention KV cache: per layer one K and one V *virtual* tensor [max_num_seqs, slot_len, kv_heads, head_dim].
+
+Each running sequence owns a batch slot (a row). Physical pages are mapped into the row, in every layer at once,
+as the sequence grows. A finished sequence's row keeps its pages mapped for the next sequence in that slot
+(deferred reclamation); idle rows give pages back only when the pool runs short. A helper thread maps the pages
+the next decode step will need while the current step computes.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from allocator import PagePool, PoolExhaustedError, VirtualTensor, map_many, open_backend, unmap_many
+from vattn.attention.contiguous import ContiguousAttention
+from vattn.attention.metadata import AttentionMetadata
+from vattn.kv_cache.base import KVCacheManager, KVStats
+from vattn.sequence import Sequence
+
+
+class VAttentionKVCache(KVCacheManager):
+    kind = "vattention"
+
+    def __init__(self, *, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device, max_num_seqs: int, max_model_len: int, memory_bytes: int,
+                 page_size: int | None = None, background_mapping: bool = True, attention_kernel: str = "auto"):
+        self.backend = open_backend("cuda" if device.type == "cuda" else "host", page_size=page_size)
+        self.page_size = page = self.backend.page_size
+        self.device = device
+        self.num_layers = num_layers
+        self.token_bytes = num_kv_heads * head_dim * torch.finfo(dtype).bits // 8
+        # Pad each row to a whole number of pages so that every slot starts on a page boundary.
+        align = page // math.gcd(page, self.token_bytes)
+        self.slot_len = -(-max_model_len // align) * align
+        self.max_model_len = max_model_len
+        self.pages_per_slot = self.slot_len * self.token_bytes // page
+        self.max_num_seqs = max_num_seqs
+        self.pool = PagePool(self.backend, memory_bytes)
+        shape = (max_num_seqs, self.slot_len, num_kv_heads, head_dim)
+        self.k = [VirtualTensor(self.pool, shape, dtype) for _ in range(num_layers)]
+        self.v = [VirtualTensor(self.pool, shape, dtype) for _ in range(num_layers)]
+        self.tensors = self.k + self.v
+        self._attn = ContiguousAttention([t.tensor for t in self.k], [t.tensor for t in self.v],
+                                         scale=head_dim ** -0.5, kernel=attention_kernel)
+        self.slot_of: dict[int, int] = {}  # seq_id -> slot
+        self.free_slots: list[int] = list(range(max_num_seqs))
+        self.mapped = [0] * max_num_seqs  # leading pages mapped in each slot's row (same in every tensor)
+        self.live = [0] * max_num_seqs  # tokens of the owning sequence a slot must keep mapped
+        self.lock = threading.Lock()
+        self.map_wait_seconds = 0.0
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="vattn-map",
+                                            initializer=self.backend.bind_thread) if background_mapping else None
+        self._pending: Future | None = None
+
+    # -- sizes ---------------------------------------------------------------------------------
+    def pages_for(self, num_tokens: int) -> int:
+        """Pages (per tensor) a row needs to hold `num_tokens` tokens."""
+        return -(-num_tokens * self.token_bytes // self.page_size)
+
+    @property
+    def tokens_per_page(self) -> float:
+        return self.page_size / self.token_bytes
+
+    def _free_units(self) -> int:
+        """Page indices that could be mapped in every tensor from the free list alone."""
+        return self.pool.num_free // len(self.tensors)
+
+    def _idle_units(self, exclude: int | None = None) -> int:
+        return sum(self.mapped[s] for s in self.free_slots if s != exclude)
+
+    # -- the scheduler's questions ---------------------------------------------------------------
+    def _pick_slot(self, num_tokens: int) -> int:
+        """A free slot, preferring one whose row already holds enough mapped pages (deferred reclamation)."""
+        need = self.pages_for(num_tokens)
+        return min(self.free_slots, key=lambda s: (self.mapped[s] < need, -self.mapped[s] if self.mapped[s] < need
+                                                   else self.mapped[s]))
+
+    def can_admit(self, seq: Sequence, num_tokens: int) -> bool:
+        self.wait_prefetch()
+        if not self.free_slots:
+            return False
+        slot = self._pick_slot(num_tokens)
+        missing = self.pages_for(num_tokens) - self.mapped[slot]
+        return missing <= self._free_units() + self._idle_units(exclude=slot)
+
+    def allocate(self, seq: Sequence, num_tokens: int) -> bool:
+        if num_tokens > self.max_model_len:
+            raise ValueError(f"sequence of {num_tokens} tokens exceeds max_model_len={self.max_model_len}")
+        self.wait_prefetch()
+        slot = self.slot_of.get(seq.seq_id)
+        new_slot = slot is None
+        if new_slot:
+            if not self.free_slots:
+                return False
+            slot = self._pick_slot(num_tokens)
+        missing = self.pages_for(num_tokens) - self.mapped[slot]
+        if missing > 0:
+            if missing > self._free_units():
+                self._reclaim(missing - self._free_units(), keep=slot)
+            if missing > self._free_units():
+                return False
+            t0 = time.perf_counter()
+            with self.lock:
+                self._map(slot, missing)
+            self.map_wait_seconds += time.perf_counter() - t0
+        if new_slot:
+            self.free_slots.remove(slot)
+            self.slot_of[seq.seq_id] = slot
+        self.live[slot] = num_tokens
+        return True
+
+    def _map(self, slot: int, count: int) -> None:
+        first = slot * self.pages_per_slot + self.mapped[slot]
+        map_many(self.tensors, first, count)
+        self.mapped[slot] += count
+
+    def _reclaim(self, units: int, keep: int | None = None) -> None:
+        """Unmap up to `units` trailing pages from idle rows (largest first)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # nothing may still read a page we unmap
+        for slot in sorted(self.free_slots, key=lambda s: -self.mapped[s]):
+            if units <= 0:
+                break
+            if slot == keep or self.mapped[slot] == 0:
+                continue
+            n = min(units, self.mapped[slot])
+            with self.lock:
+                unmap_many(self.tensors, slot * self.pages_per_slot + self.mapped[slot] - n, n)
+                self.mapped[slot] -= n
+            units -= n
+
+    def free(self, seq: Sequence) -> None:
+        slot = self.slot_of.pop(seq.seq_id, None)
+        if slot is None:
+            return
+        self.live[slot] = 0
+        self.free_slots.append(slot)  # pages stay mapped for the slot's next sequence
+
+    def reclaim_all(self) -> None:
+        self.wait_prefetch()
+        self._reclaim(sum(self.mapped))
+
+    def slot(self, seq: Sequence) -> int:
+        return self.slot_of[seq.seq_id]
+
+    # -- background mapping -----------------------------------------------------------------------
+    def prefetch(self, seqs: list[Sequence]) -> None:
+        """Map, on the helper thread, the page each sequence's next token will need (free pages only)."""
+        if self._executor is None:
+            return
+        work = [(self.slot_of[s.seq_id], self.pages_for(min(len(s) + 1, self.max_model_len))) for s in seqs]
+        work = [(slot, need - self.mapped[slot]) for slot, need in work if need > self.mapped[slot]]
+        if work:
+            self._pending = self._executor.submit(self._prefetch, work)
+
+    def _prefetch(self, work: list[tuple[int, int]]) -> None:
+        for slot, missing in work:
+            with self.lock:
+                if missing > self._free_units():
+                    return  # the scheduler will reclaim or preempt on the main thread
+                try:
+                    self._map(slot, missing)
+                except PoolExhaustedError:
+                    return
+
+    def wait_prefetch(self) -> None:
+        if self._pending is not None:
+            t0 = time.perf_counter()
+            self._pending.result()
+            self.map_wait_seconds += time.perf_counter() - t0
+            self._pending = None
+
+    # -- per step -------------------------------------------------------------------------------
+    def build_metadata(self, seqs: list[Sequence], query_lens: list[int], device: torch.device) -> AttentionMetadata:
+        context_lens = [s.num_computed_tokens + q for s, q in zip(seqs, query_lens)]
+        slots = [self.slot_of[s.seq_id] for s in seqs]
+        return AttentionMetadata.build_contiguous(query_lens, context_lens, slots, device)
+
+    @property
+    def attention_backend(self) -> ContiguousAttention:
+        return self._attn
+
+    def unmapped_positions(self, seq: Sequence, num_tokens: int) -> list[tuple[int, int]]:
+        """(tensor index, page) pairs that should hold one of the first `num_tokens` tokens but are not mapped."""
+        slot = self.slot_of[seq.seq_id]
+        first = slot * self.pages_per_slot
+        return [(i, first + p) for i, t in enumerate(self.tensors)
+                for p in range(self.pages_for(num_tokens)) if not t.is_mapped(first + p)]
+
+    def stats(self) -> KVStats:
+        unit_pages = len(self.tensors)
+        mapped_units = sum(self.mapped)
+        idle = self._idle_units()
+        live_tokens = sum(self.live)
+        st = self.pool.stats()
+        return KVStats(
+            kind=self.kind, page_bytes=self.page_size * unit_pages, tokens_per_unit=int(self.tokens_per_page),
+            units_total=self.pool.num_pages // unit_pages, units_free=self._free_units() + idle,
+            units_mapped=mapped_units, units_idle=idle,
+            units_shared=self.pool.num_shared // unit_pages, live_tokens=live_tokens,
+            reserved_bytes=sum(t.num_pages for t in self.tensors) * self.page_size,
+            mapped_bytes=mapped_units * self.page_size * unit_pages,
+            used_bytes=live_tokens * self.token_bytes * unit_pages,
+            map_seconds=st.map_seconds, map_wait_seconds=self.map_wait_seconds,
+        )
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self.wait_prefetch()
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        for t in self.tensors:
+            t.close()
+        self.tensors = []
+        self.pool.close()
+        self.backend.close()

@@ -1,0 +1,100 @@
+"""The library API: `LLM(...).generate(...)` and `.chat(...)`, offline batched generation over the engine."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+from tqdm.auto import tqdm
+
+from vattn.config import DEFAULT_MODEL_DIR, EngineConfig
+from vattn.engine import LLMEngine
+from vattn.kv_cache import KVStats
+from vattn.outputs import RequestOutput
+from vattn.sampling_params import SamplingParams
+
+
+class LLM:
+    """Generate text with a model whose KV cache lives in virtually contiguous, on-demand mapped memory.
+
+    >>> llm = LLM()                                   # the bundled default model, vAttention KV cache
+    >>> llm.generate(["The 'assert' statement"], SamplingParams(temperature=0, max_tokens=20))[0].outputs[0].text
+    """
+
+    def __init__(self, model: str | None = None, kv_cache: str = "vattention", **kwargs):
+        self.engine = LLMEngine(EngineConfig(model=str(model or DEFAULT_MODEL_DIR), kv_cache=kv_cache, **kwargs))
+        self._ids = itertools.count()
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: str | Sequence[str] | None = None,
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 prompt_token_ids: Sequence[Sequence[int]] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Run every prompt to completion with continuous batching; outputs come back in prompt order."""
+        if (prompts is None) == (prompt_token_ids is None):
+            raise ValueError("give exactly one of prompts or prompt_token_ids")
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        items = [(p, None) for p in prompts] if prompts is not None else [(None, list(t)) for t in prompt_token_ids]
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params = [sampling_params or SamplingParams()] * len(items)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(items):
+                raise ValueError(f"got {len(params)} sampling_params for {len(items)} prompts")
+        return self._run(items, params, use_tqdm)
+
+    def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
+             use_tqdm: bool = True, add_generation_prompt: bool = True,
+             chat_template: str | None = None) -> list[RequestOutput]:
+        """Apply the tokenizer's chat template to one conversation (or a list of them) and generate replies."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        ids = [self.encode_chat(conv, add_generation_prompt, chat_template) for conv in conversations]
+        return self.generate(prompt_token_ids=ids, sampling_params=sampling_params, use_tqdm=use_tqdm)
+
+    def encode_chat(self, conversation: list[dict], add_generation_prompt: bool = True,
+                    chat_template: str | None = None) -> list[int]:
+        if self.tokenizer.chat_template is None and chat_template is None:
+            raise ValueError("this model's tokenizer has no chat template; pass chat_template=...")
+        for m in conversation:
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise ValueError(f"each chat message needs 'role' and 'content', got {m!r}")
+        text = self.tokenizer.apply_chat_template(conversation, tokenize=False, chat_template=chat_template,
+                                                  add_generation_prompt=add_generation_prompt)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def _run(self, items, params, use_tqdm: bool) -> list[RequestOutput]:
+        ids = []
+        try:
+            for (prompt, tokens), p in zip(items, params):
+                rid = f"llm-{next(self._ids)}"
+                self.engine.add_request(rid, prompt, p, prompt_token_ids=tokens)
+                ids.append(rid)
+            results: dict[str, RequestOutput] = {}
+            with tqdm(total=len(ids), desc="generate", disable=not use_tqdm) as bar:
+                while self.engine.has_unfinished_requests():
+                    for out in self.engine.step():
+                        if out.finished:
+                            results[out.request_id] = out
+                            bar.update(1)
+        except BaseException:
+            for rid in ids:
+                self.engine.abort(rid)
+            raise
+        return [results[rid] for rid in ids]
+
+    def kv_stats(self) -> KVStats:
+        """KV memory: mapped, used by live tokens, free, reserved."""
+        return self.engine.kv_stats()
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
