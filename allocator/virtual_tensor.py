@@ -1,0 +1,256 @@
+"""VirtualTensor: a torch tensor over reserved address space, backed page by page on demand."""
+
+import math
+import time
+
+import torch
+
+from .errors import AllocatorError, MappingError
+from .pool import PagePool
+from .stats import AllocatorStats, Counters
+
+
+def _check_shape(shape) -> tuple[int, ...]:
+    try:
+        dims = tuple(shape)
+    except TypeError:
+        raise ValueError(f"shape must be a sequence of positive ints, got {shape!r}") from None
+    if not dims or any(not isinstance(d, int) or isinstance(d, bool) or d <= 0 for d in dims):
+        raise ValueError(f"shape must be a non-empty sequence of positive ints, got {shape!r}")
+    return dims
+
+
+class VirtualTensor:
+    """A tensor of `shape` / `dtype` whose address range is reserved up front (rounded up to whole
+    pages) and whose pages are mapped from a PagePool on demand.
+
+    `tensor` is a plain torch tensor over the range (no copy), usable by unmodified kernels.
+    Reading or writing an unmapped page kills the process (SIGSEGV on host, illegal address on
+    cuda). On cuda, wait for kernels that use a page before unmapping or remapping it.
+    After close() the range is gone: do not keep using `tensor`.
+    """
+
+    def __init__(self, pool: PagePool, shape, dtype: torch.dtype = torch.float16):
+        if not isinstance(pool, PagePool):
+            raise ValueError(f"pool must be a PagePool, got {type(pool).__name__}")
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"dtype must be a torch.dtype, got {dtype!r}")
+        self.shape = _check_shape(shape)
+        self.dtype = dtype
+        self.pool = pool
+        self.backend = pool.backend
+        self.page_size = pool.page_size
+        self.nbytes = math.prod(self.shape) * torch.empty((), dtype=dtype).element_size()
+        self.num_pages = -(-self.nbytes // self.page_size)
+        self.reserved_bytes = self.num_pages * self.page_size
+        self.counters = Counters()
+        self.closed = False
+        self._pages: dict[int, int] = {}  # vpage -> physical page id; sparse, so reserving is O(1)
+        with pool.lock:
+            pool.check_open("VirtualTensor")
+            self.address = self.backend.reserve(self.reserved_bytes)
+            try:
+                self._tensor = self.backend.tensor(self.address, self.shape, dtype)
+            except BaseException:
+                self.backend.free_reservation(self.address, self.reserved_bytes)
+                raise
+            pool.register(self)
+
+    # -- views --------------------------------------------------------------------------
+    @property
+    def tensor(self) -> torch.Tensor:
+        if self.closed:
+            raise AllocatorError("VirtualTensor.tensor: the tensor is closed")
+        return self._tensor
+
+    def page_at(self, vpage: int) -> int | None:
+        """Physical page id mapped at virtual page `vpage`, or None."""
+        self._check_range("page_at", vpage, 1)
+        return self._pages.get(vpage)
+
+    def is_mapped(self, vpage: int) -> bool:
+        return self.page_at(vpage) is not None
+
+    def mapped_pages(self) -> list[int]:
+        """Sorted virtual pages that are mapped."""
+        return sorted(self._pages)
+
+    def page_of_offset(self, byte_offset: int) -> int:
+        """The virtual page that byte `byte_offset` of the tensor falls in."""
+        if not isinstance(byte_offset, int) or isinstance(byte_offset, bool) or not 0 <= byte_offset < self.nbytes:
+            raise MappingError(f"page_of_offset: byte_offset={byte_offset!r} is outside the tensor (0..{self.nbytes - 1})")
+        return byte_offset // self.page_size
+
+    def pages_for_bytes(self, start: int, stop: int) -> range:
+        """Virtual pages covering bytes [start, stop) of the tensor (empty range if stop <= start)."""
+        if stop <= start:
+            return range(0)
+        return range(self.page_of_offset(start), self.page_of_offset(stop - 1) + 1)
+
+    @property
+    def num_mapped(self) -> int:
+        """Number of virtual pages currently mapped."""
+        return len(self._pages)
+
+    @property
+    def stats(self) -> AllocatorStats:
+        """Bytes and call counters of this tensor; page counts of the whole pool."""
+        pool, c = self.pool, self.counters
+        return AllocatorStats(
+            reserved_bytes=0 if self.closed else self.reserved_bytes, mapped_bytes=self.num_mapped * self.page_size,
+            pages_total=pool.num_pages, pages_free=pool.num_free, pages_used=pool.num_used,
+            pages_shared=pool.num_shared, map_calls=c.map_calls, unmap_calls=c.unmap_calls,
+            map_seconds=c.map_seconds, unmap_seconds=c.unmap_seconds, pages_mapped=c.pages_mapped,
+            pages_unmapped=c.pages_unmapped, cow_copies=c.cow_copies,
+        )
+
+    # -- mapping ------------------------------------------------------------------------
+    def map(self, first: int, count: int = 1) -> list[int]:
+        """Map `count` fresh pool pages at virtual pages [first, first+count); returns their ids.
+
+        All or nothing: PoolExhaustedError (nothing changed) if the pool has too few free pages.
+        """
+        with self.pool.lock:
+            self.check_can_map("map", first, count)
+            ids = self.pool.take(count)
+            try:
+                self._map_ids(first, ids)
+            except BaseException:
+                for pid in ids:
+                    self.pool.decref(pid)
+                raise
+            return ids
+
+    def map_shared(self, vpage: int, page_id: int) -> None:
+        """Map physical page `page_id`, already used elsewhere, at `vpage` as well (refcount += 1)."""
+        with self.pool.lock:
+            self.check_can_map("map_shared", vpage, 1)
+            self.pool.incref("map_shared", page_id)
+            try:
+                self._map_ids(vpage, [page_id])
+            except BaseException:
+                self.pool.decref(page_id)
+                raise
+
+    def unmap(self, first: int, count: int = 1) -> None:
+        """Unmap virtual pages [first, first+count); each page's refcount drops by one."""
+        with self.pool.lock:
+            self.check_can_unmap("unmap", first, count)
+            self._unmap_range(first, count)
+
+    def copy_on_write(self, vpage: int) -> bool:
+        """If the page at `vpage` is shared, give this tensor a private copy; True if it copied."""
+        with self.pool.lock:
+            self.check_can_unmap("copy_on_write", vpage, 1)
+            old = self._pages[vpage]
+            if self.pool.refcount(old) < 2:
+                return False
+            (new,) = self.pool.take(1)
+            backend, ps, addr = self.backend, self.page_size, self.address + vpage * self.page_size
+            try:
+                scratch = self.pool.scratch()
+                self._timed_map(scratch, [new])
+                try:
+                    backend.copy(scratch, addr, ps)
+                finally:
+                    self._timed_unmap(scratch, 1)
+            except BaseException:
+                self.pool.decref(new)
+                raise
+            try:
+                self._timed_map(addr, [new], remap=True)
+            except BaseException:
+                self.pool.decref(new)
+                self.backend.remap(addr, self.pool.phys, [old])  # put the shared page back
+                raise
+            self._pages[vpage] = new
+            self.pool.decref(old)
+            self.counters.cow_copies += 1
+            self.pool.counters.cow_copies += 1
+            return True
+
+    def close(self) -> None:
+        """Unmap every page and free the reservation. Idempotent."""
+        with self.pool.lock:
+            if self.closed:
+                return
+            vpages, i = sorted(self._pages), 0
+            while i < len(vpages):  # unmap runs of consecutive virtual pages, one backend call each
+                n = 1
+                while i + n < len(vpages) and vpages[i + n] == vpages[i] + n:
+                    n += 1
+                self._unmap_range(vpages[i], n)
+                i += n
+            self.backend.free_reservation(self.address, self.reserved_bytes)
+            self.pool.unregister(self)
+            self._tensor = None
+            self.closed = True
+
+    def __enter__(self) -> "VirtualTensor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"VirtualTensor(shape={self.shape}, dtype={self.dtype}, pages={self.num_mapped}/{self.num_pages} "
+                f"mapped, closed={self.closed})")
+
+    # -- checks (shared with map_many / unmap_many) -------------------------------------
+    def _check_range(self, what: str, first: int, count: int) -> None:
+        if self.closed:
+            raise MappingError(f"{what}: the VirtualTensor is closed")
+        for name, v in (("first", first), ("count", count)):
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise MappingError(f"{what}: {name} must be an int, got {v!r}")
+        if count < 1:
+            raise MappingError(f"{what}: count={count} must be >= 1")
+        if first < 0 or first + count > self.num_pages:
+            raise MappingError(f"{what}: virtual pages [{first}, {first + count}) are outside the tensor's "
+                               f"{self.num_pages} page(s)")
+
+    def check_can_map(self, what: str, first: int, count: int) -> None:
+        self.pool.check_open(what)
+        self._check_range(what, first, count)
+        taken = [v for v in range(first, first + count) if v in self._pages]
+        if taken:
+            raise MappingError(f"{what}: virtual page(s) {_short(taken)} already mapped; unmap first")
+
+    def check_can_unmap(self, what: str, first: int, count: int) -> None:
+        self._check_range(what, first, count)
+        missing = [v for v in range(first, first + count) if v not in self._pages]
+        if missing:
+            raise MappingError(f"{what}: virtual page(s) {_short(missing)} not mapped")
+
+    # -- backend calls with bookkeeping (caller holds the pool lock) ----------------------
+    def _timed_map(self, addr: int, ids: list[int], remap: bool = False) -> None:
+        t0 = time.perf_counter()
+        (self.backend.remap if remap else self.backend.map)(addr, self.pool.phys, ids)
+        dt = time.perf_counter() - t0
+        for c in (self.counters, self.pool.counters):
+            c.map_calls += 1
+            c.map_seconds += dt
+            c.pages_mapped += len(ids)
+
+    def _timed_unmap(self, addr: int, count: int) -> None:
+        t0 = time.perf_counter()
+        self.backend.unmap(addr, count)
+        dt = time.perf_counter() - t0
+        for c in (self.counters, self.pool.counters):
+            c.unmap_calls += 1
+            c.unmap_seconds += dt
+            c.pages_unmapped += count
+
+    def _map_ids(self, first: int, ids: list[int]) -> None:
+        self._timed_map(self.address + first * self.page_size, ids)
+        for i, pid in enumerate(ids):
+            self._pages[first + i] = pid
+
+    def _unmap_range(self, first: int, count: int) -> None:
+        self._timed_unmap(self.address + first * self.page_size, count)
+        for v in range(first, first + count):
+            self.pool.decref(self._pages.pop(v))
+
+
+def _short(items: list[int], limit: int = 8) -> str:
+    return str(items) if len(items) <= limit else f"{items[:limit]} ... ({len(items)} in all)"
