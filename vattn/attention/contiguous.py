@@ -78,6 +78,8 @@ class ContiguousAttention:
         self.k_caches, self.v_caches, self.scale = k_caches, v_caches, float(scale)
         self.max_num_seqs, self.max_model_len, self.num_kv_heads, self.head_dim = shape
         self.kernel = choose_kernel(kernel, ref.device, ref.dtype, self.head_dim)
+        if self.kernel != "sdpa" and self.max_num_seqs * self.max_model_len >= 2**31:
+            raise ValueError(f"max_num_seqs * max_model_len = {self.max_num_seqs * self.max_model_len} overflows int32 offsets")
 
     def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
         """cache[token_slots[t], token_positions[t]] = k[t], v[t] (index_put, no copy of the cache)."""
@@ -91,6 +93,8 @@ class ContiguousAttention:
             raise ValueError("meta has no slots: build it with AttentionMetadata.build_contiguous")
         if k.shape[1:] != (self.num_kv_heads, self.head_dim):
             raise ValueError(f"k is {tuple(k.shape)}, cache expects [T, {self.num_kv_heads}, {self.head_dim}]")
+        if max(meta.slots) >= self.max_num_seqs:
+            raise ValueError(f"slots {meta.slots} out of range for a cache of max_num_seqs {self.max_num_seqs}")
         if meta.max_context_len > self.max_model_len:
             raise ValueError(f"max_context_len {meta.max_context_len} exceeds the cache's max_model_len {self.max_model_len}")
         self.write_kv(layer, k, v, meta)
