@@ -125,10 +125,11 @@ class PagedKVCache(KVCacheManager):
         self._hashes.pop(sid, None)
         self._registered.pop(sid, None)
 
-    def fork(self, parent: Sequence, child: Sequence) -> None:
+    def fork(self, parent: Sequence, child: Sequence) -> bool:
         """Let `child` share `parent`'s blocks for the parent's computed tokens; sets child.num_computed_tokens.
 
-        The child must hold no cache yet and start with the same tokens as the parent.
+        The child must hold no cache yet and start with the same tokens as the parent. Needs no free block: always
+        True (the copy of a shared partial block happens later, in allocate, when one of them writes into it).
         """
         if child.seq_id in self.tables:
             raise ValueError(f"child sequence {child.seq_id} already holds KV blocks")
@@ -146,6 +147,36 @@ class PagedKVCache(KVCacheManager):
         self._hashes[child.seq_id] = list(self._hashes.get(parent.seq_id, [])[:full])
         self._registered[child.seq_id] = min(self._registered.get(parent.seq_id, 0), full)
         child.num_computed_tokens = n
+        return True
+
+    # -- swapping -------------------------------------------------------------------------------
+    def _slots(self, seq: Sequence, n: int) -> torch.Tensor:
+        table = self.tables[seq.seq_id]
+        if self.blocks_for(n) > len(table):
+            raise ValueError(f"sequence {seq.seq_id} holds {len(table)} blocks, too few for {n} tokens")
+        pos = torch.arange(n)
+        blocks = torch.tensor(table, dtype=torch.int64)[pos // self.block_size]
+        return (blocks * self.block_size + pos % self.block_size).to(self.device)
+
+    def _flat(self, pool: torch.Tensor) -> torch.Tensor:
+        return pool.view(self.num_blocks * self.block_size, *pool.shape[2:])
+
+    def read_tokens(self, seq: Sequence, n: int) -> list[torch.Tensor]:
+        """Host copies of the first n tokens' K/V: [n, kv_heads, head_dim] per layer, all K layers then all V."""
+        slots = self._slots(seq, n)
+        return [self._flat(p).index_select(0, slots).to("cpu") for p in self.k_pools + self.v_pools]
+
+    def write_tokens(self, seq: Sequence, data: list[torch.Tensor]) -> None:
+        """Inverse of read_tokens, into `seq`'s freshly allocated (unshared) blocks."""
+        pools = self.k_pools + self.v_pools
+        if len(data) != len(pools):
+            raise ValueError(f"data has {len(data)} tensors, expected {len(pools)} (K then V of every layer)")
+        slots = self._slots(seq, data[0].shape[0])
+        shared = {b for b in self.tables[seq.seq_id][: self.blocks_for(data[0].shape[0])] if self.pool.refcount[b] > 1}
+        if shared:
+            raise RuntimeError(f"write_tokens would write shared blocks {sorted(shared)}")
+        for p, d in zip(pools, data):
+            self._flat(p).index_copy_(0, slots, d.to(p.device, p.dtype))
 
     # -- prefix caching -------------------------------------------------------------------------
     def _chain(self, seq: Sequence, num_blocks: int) -> list[BlockHash]:
