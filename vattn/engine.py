@@ -15,7 +15,7 @@ from vattn.kv_cache import KVStats, create_kv_cache
 from vattn.loader import load_model
 from vattn.model_runner import ModelRunner
 from vattn.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from vattn.sampler import Sampler, SamplingRow, prompt_logprobs
+from vattn.sampler import Sampler, SamplingRow, token_logprobs
 from vattn.sampling_params import SamplingParams
 from vattn.scheduler import Scheduler
 from vattn.sequence import Request, Sequence, SequenceStatus
@@ -80,7 +80,7 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
-        self._prompt_logit_chunks: dict[str, list[torch.Tensor]] = {}
+        self._prompt_logprobs: dict[str, list] = {}  # request_id -> prompt logprobs so far
 
     def _default_kv_memory(self) -> int:
         if self.device.type == "cuda":
@@ -113,7 +113,7 @@ class LLMEngine:
         for i in range(params.n):
             gen = None
             if params.seed is not None:
-                gen = torch.Generator(device=self.device).manual_seed(params.seed + i)
+                gen = torch.Generator(device=self.device).manual_seed((params.seed + i) % 2**64)
             seqs.append(Sequence(
                 request_id=request_id, index=i, prompt_token_ids=list(prompt_token_ids), params=params,
                 detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens),
@@ -122,9 +122,9 @@ class LLMEngine:
         self.prompt_tokens_total += len(prompt_token_ids)
         req = Request(request_id, prompt, list(prompt_token_ids), params, seqs,
                       RequestMetrics(arrival_time=arrival_time or time.time()))
+        req.pending_forks = seqs[1:]
         self.requests[request_id] = req
-        for s in seqs:
-            self.scheduler.add(s)
+        self.scheduler.add(seqs[0])
 
     def abort(self, request_id: str) -> RequestOutput | None:
         req = self.requests.pop(request_id, None)
@@ -133,7 +133,7 @@ class LLMEngine:
         for seq in req.seqs:
             if not seq.is_finished:
                 self._finish(seq, "abort")
-        self._prompt_logit_chunks.pop(request_id, None)
+        self._prompt_logprobs.pop(request_id, None)
         req.metrics.finished_time = time.time()
         return self._output(req)
 
@@ -157,16 +157,22 @@ class LLMEngine:
                 want_prompt.add(seq.seq_id)
         out = self.runner.run(batch.seqs, batch.query_lens, self.kv, want_prompt)
         for seq, q in zip(batch.seqs, batch.query_lens):
-            seq.num_computed_tokens += q
             if seq.seq_id in out.prompt_logits:
-                self._collect_prompt_logits(seq, out.prompt_logits[seq.seq_id])
+                self._collect_prompt_logprobs(seq, out.prompt_logits[seq.seq_id])
+            seq.num_computed_tokens += q
         touched: dict[str, Request] = {}
         if out.sample_seqs:
+            seqs, rows, logit_rows = [], [], []
+            for j, seq in enumerate(out.sample_seqs):
+                req = self.requests[seq.request_id]
+                family = [seq] + self._fork_pending(req, seq)
+                seqs += family
+                logit_rows += [j] * len(family)
             rows = [SamplingRow(s.params, s.prompt_token_ids, s.output_token_ids, s.generator,
-                                tuple(self.eos_token_ids)) for s in out.sample_seqs]
-            results = self.sampler(out.sample_logits, rows)
+                                tuple(self.eos_token_ids)) for s in seqs]
+            results = self.sampler(out.sample_logits[logit_rows], rows)
             now = time.time()
-            for seq, res in zip(out.sample_seqs, results):
+            for seq, res in zip(seqs, results):
                 req = self.requests[seq.request_id]
                 req.metrics.first_token_time = req.metrics.first_token_time or now
                 self._append_token(seq, res)
@@ -179,6 +185,18 @@ class LLMEngine:
             outputs.append(self._output(req))
         return outputs
 
+    def _fork_pending(self, req: Request, parent: Sequence) -> list[Sequence]:
+        """Parallel sampling: once sample 0 has its prompt cached, the other samples share its pages."""
+        forks, req.pending_forks = req.pending_forks, []
+        for child in forks:
+            child.num_computed_tokens = parent.num_computed_tokens
+            if len(self.scheduler.running) < self.config.max_num_seqs and self.kv.fork(parent, child):
+                self.scheduler.add_running(child)
+            else:  # no room to share now: it will prefill on its own (its first token is sampled here)
+                child.num_computed_tokens = 0
+                self.scheduler.add(child)
+        return forks
+
     def _fail_unschedulable(self) -> list[RequestOutput]:
         """Nothing could run although work waits: the head sequence can never fit. Fail its request."""
         if self.scheduler.running or not self.scheduler.waiting:
@@ -187,14 +205,17 @@ class LLMEngine:
         log.error("request %s cannot fit in the KV cache (%d tokens); aborting it", seq.request_id, len(seq))
         return [out for out in [self.abort(seq.request_id)] if out is not None]
 
-    def _collect_prompt_logits(self, seq: Sequence, logits: torch.Tensor) -> None:
+    def _collect_prompt_logprobs(self, seq: Sequence, logits: torch.Tensor) -> None:
+        """Row j of a prompt chunk starting at c predicts prompt token c + j + 1."""
         req = self.requests[seq.request_id]
-        chunks = self._prompt_logit_chunks.setdefault(req.request_id, [])
-        chunks.append(logits)
-        n_prompt = len(req.prompt_token_ids)
-        if seq.num_computed_tokens >= n_prompt:
-            all_logits = torch.cat(self._prompt_logit_chunks.pop(req.request_id))[: n_prompt - 1]
-            req.prompt_logprobs = prompt_logprobs(all_logits, req.prompt_token_ids, req.params.prompt_logprobs)
+        prompt, start = req.prompt_token_ids, seq.num_computed_tokens
+        if start == 0:  # (again, after a recompute preemption)
+            self._prompt_logprobs[req.request_id] = [None]
+        partial = self._prompt_logprobs[req.request_id]
+        n = min(logits.shape[0], len(prompt) - 1 - start)
+        partial += token_logprobs(logits[:n], prompt[start + 1:start + 1 + n], req.params.prompt_logprobs)
+        if len(partial) == len(prompt):
+            req.prompt_logprobs = self._prompt_logprobs.pop(req.request_id)
 
     def _append_token(self, seq: Sequence, res) -> None:
         p = seq.params
@@ -223,6 +244,8 @@ class LLMEngine:
 
     def _finish(self, seq: Sequence, reason: str, stop_reason=None) -> None:
         seq.finish_reason, seq.stop_reason = reason, stop_reason
+        if not isinstance(stop_reason, str):
+            seq.text += seq.detokenizer.finish()  # an incomplete multi-byte character at the very end
         seq.status = SequenceStatus.FINISHED
         seq.streamable_len = len(seq.text)
         self.scheduler.remove(seq)

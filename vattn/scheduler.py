@@ -41,6 +41,11 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
+    def add_running(self, seq: Sequence) -> None:
+        """A sequence that already holds its cache (a fork): it runs from the next step on."""
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
@@ -81,20 +86,17 @@ class Scheduler:
         # 2. admit waiting sequences in arrival order (preempted ones were put back at the front)
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if seq.swapped:
-                if not self.swapper.can_swap_in(seq):
-                    break
-                self.swapper.swap_in(seq)
-            else:
-                if seq.num_computed_tokens == 0:
-                    seq.num_computed_tokens = self.kv.num_cached_prefix_tokens(seq)
-                q = min(seq.num_uncomputed_tokens, budget)
-                if not self.kv.can_admit(seq, seq.num_computed_tokens + q) or \
-                        not self.kv.allocate(seq, seq.num_computed_tokens + q):
+            if seq.num_computed_tokens == 0:
+                seq.num_computed_tokens = self.kv.num_cached_prefix_tokens(seq)
+            q = min(seq.num_uncomputed_tokens, budget)
+            need = seq.num_computed_tokens + q
+            admitted = self.kv.can_admit(seq, need) and (
+                self.swapper.swap_in(seq, need) if seq.swapped else self.kv.allocate(seq, need))
+            if not admitted:
+                if not seq.swapped:
                     seq.num_computed_tokens = 0
                     self.kv.free(seq)
-                    break
-            q = min(seq.num_uncomputed_tokens, budget)
+                break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
@@ -104,10 +106,7 @@ class Scheduler:
         return batch
 
     def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
-        self.running.remove(seq)
-        if seq in batch.seqs:
-            j = batch.seqs.index(seq)
-            del batch.seqs[j], batch.query_lens[j]
+        self.running.remove(seq)  # the newest: never already in this step's batch
         if self.swapper is not None and self.swapper.can_swap_out(seq):
             self.swapper.swap_out(seq)
         else:

@@ -69,6 +69,8 @@ class Request:
     metrics: RequestMetrics
     prompt_logprobs: list[dict[int, float] | None] | None = None
     num_cached_tokens: int = 0
+    # n > 1: samples 1..n-1 wait for sample 0's prefill, then fork its cache and sample from the same logits
+    pending_forks: list[Sequence] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:

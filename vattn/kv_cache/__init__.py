@@ -14,10 +14,11 @@ def create_kv_cache(kind: str, *, spec, dtype: torch.dtype, device: torch.device
                   device=device, max_num_seqs=max_num_seqs, max_model_len=max_model_len, memory_bytes=memory_bytes)
     if kind == "vattention":
         from vattn.kv_cache.vattention import VAttentionKVCache
-        return VAttentionKVCache(**common, page_size=page_size, background_mapping=background_mapping)
+        return VAttentionKVCache(**common, page_size=page_size, background_mapping=background_mapping,
+                                 enable_prefix_caching=enable_prefix_caching)
     if kind == "paged":
         from vattn.kv_cache.paged import PagedKVCache
-        return PagedKVCache(**common, block_size=block_size)
+        return PagedKVCache(**common, block_size=block_size, enable_prefix_caching=enable_prefix_caching)
     raise ValueError(f"unknown kv_cache {kind!r}: expected 'vattention' or 'paged'")
 
 

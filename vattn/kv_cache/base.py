@@ -64,6 +64,18 @@ class KVCacheManager(ABC):
         """Tokens of `seq`'s prompt already cached (prefix caching); 0 when unsupported."""
         return 0
 
+    def fork(self, parent: Sequence, child: Sequence) -> bool:
+        """Let `child` share `parent`'s cached tokens (copy-on-write later); False when it cannot."""
+        return False
+
+    def read_tokens(self, seq: Sequence, n: int) -> list[torch.Tensor]:
+        """Host copies of the K/V of `seq`'s first n tokens, one tensor [n, kv_heads, head_dim] per layer K and V."""
+        raise NotImplementedError(f"{self.kind} cache cannot swap")
+
+    def write_tokens(self, seq: Sequence, data: list[torch.Tensor]) -> None:
+        """Inverse of read_tokens, into `seq`'s (already allocated) cache."""
+        raise NotImplementedError(f"{self.kind} cache cannot swap")
+
     def prefetch(self, seqs: list[Sequence]) -> None:
         """Hint: these sequences will each need one more token next step (background mapping)."""
 

@@ -1,0 +1,95 @@
+"""Sharing on the vAttention path: parallel sampling forks, prefix caching, copy-on-write, swap preemption."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.hf_reference import hf_greedy
+from tests.test_engine import PAGE, greedy, make_llm, prompts_for
+from vattn import SamplingParams
+from vattn.config import EngineConfig
+from vattn.engine import LLMEngine
+
+
+def engine_for(path: str, **kw) -> LLMEngine:
+    cfg = dict(model=path, device="cpu", page_size=PAGE, max_model_len=256, kv_cache_memory=64 * 4 * PAGE)
+    cfg.update(kw)
+    return LLMEngine(EngineConfig(**cfg))
+
+
+@pytest.mark.parametrize("kv_cache", ["vattention", "paged"])
+def test_parallel_samples_share_prompt_pages_and_match_single_requests(tiny_model, kv_cache):
+    path = tiny_model("llama")
+    prompt = [(11 * i) % 500 + 3 for i in range(75)]  # two full pages and a partial one (32 tokens a page)
+    params = SamplingParams(n=3, temperature=1.0, seed=77, max_tokens=10, ignore_eos=True)
+    eng = engine_for(path, kv_cache=kv_cache)
+    try:
+        eng.add_request("n3", None, params, prompt_token_ids=prompt)
+        eng.step()  # prefill sample 0, fork samples 1 and 2, sample all three first tokens
+        eng.step()  # every sample writes its second token: the shared partial page is copied first
+        st = eng.kv_stats()
+        per_seq = -(-(len(prompt) + 2) // st.tokens_per_unit)
+        assert st.units_shared >= 2  # the full prompt pages are mapped in all three rows
+        assert st.units_mapped - st.units_idle < 3 * per_seq  # fewer pages than three private copies
+        outs = []
+        while eng.has_unfinished_requests():
+            outs += eng.step()
+        shared = outs[-1]
+        eng.kv.reclaim_all()
+        assert eng.kv_stats().units_mapped == 0 and eng.kv_stats().units_free == eng.kv_stats().units_total
+    finally:
+        eng.close()
+    # each sample equals a lone request seeded the way the sample's generator was (seed + index)
+    with make_llm(path, kv_cache=kv_cache) as llm:
+        for i, out in enumerate(shared.outputs):
+            lone = llm.generate(prompt_token_ids=[prompt], use_tqdm=False, sampling_params=SamplingParams(
+                temperature=1.0, seed=77 + i, max_tokens=10, ignore_eos=True))[0]
+            assert out.token_ids == lone.outputs[0].token_ids
+
+
+def test_prefix_cache_maps_cached_pages_into_another_slot(tiny_model):
+    path = tiny_model("qwen2")
+    prefix = [(7 * i) % 500 + 3 for i in range(70)]  # two full pages (32 tokens each) and some
+    a, b = prefix + [5, 6, 7], prefix + [9, 10]
+    eng = engine_for(path, max_num_seqs=2)
+    try:
+        eng.add_request("a", None, greedy(30), prompt_token_ids=a)
+        eng.step()
+        eng.add_request("b", None, greedy(8), prompt_token_ids=b)
+        eng.step()  # b is admitted with its first 64 tokens mapped from a's pages
+        st = eng.kv_stats()
+        assert st.prefix_cache_hits == 64 and st.units_shared == 2
+        outs = {}
+        while eng.has_unfinished_requests():
+            for o in eng.step():
+                outs[o.request_id] = o
+    finally:
+        eng.close()
+    assert outs["a"].outputs[0].token_ids == hf_greedy(path, a, 30)[0]
+    assert outs["b"].outputs[0].token_ids == hf_greedy(path, b, 8)[0]
+
+
+def test_prefix_cache_survives_slot_reuse_and_is_exact(tiny_model):
+    path = tiny_model("llama")
+    base = [(13 * i) % 500 + 3 for i in range(100)]
+    with make_llm(path, max_num_seqs=1) as llm:
+        first = llm.generate(prompt_token_ids=[base[:100]], sampling_params=greedy(5), use_tqdm=False)[0]
+        again = llm.generate(prompt_token_ids=[base[:100]], sampling_params=greedy(5), use_tqdm=False)[0]
+        other = llm.generate(prompt_token_ids=[base[:40] + [3, 4, 5]], sampling_params=greedy(5), use_tqdm=False)[0]
+        st = llm.kv_stats()
+    assert st.prefix_cache_hits == 96 + 32
+    assert first.outputs[0].token_ids == again.outputs[0].token_ids == hf_greedy(path, base[:100], 5)[0]
+    assert other.outputs[0].token_ids == hf_greedy(path, base[:40] + [3, 4, 5], 5)[0]
+
+
+@pytest.mark.parametrize("kv_cache", ["vattention", "paged"])
+def test_swap_preemption_keeps_outputs(tiny_model, kv_cache):
+    path = tiny_model("mistral")
+    prompts = prompts_for(10, 6)
+    with make_llm(path, kv_cache=kv_cache, max_num_seqs=6, kv_cache_memory=10 * 4 * PAGE,
+                  max_num_batched_tokens=64, preemption_mode="swap") as llm:
+        outs = llm.generate(prompt_token_ids=prompts, sampling_params=greedy(40), use_tqdm=False)
+        assert llm.engine.scheduler.swapper.swapped_out_tokens > 0
+        assert not llm.engine.scheduler.swapper.host
+    for p, out in zip(prompts, outs):
+        assert out.outputs[0].token_ids == hf_greedy(path, p, 40)[0]
