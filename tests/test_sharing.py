@@ -93,3 +93,42 @@ def test_swap_preemption_keeps_outputs(tiny_model, kv_cache):
         assert not llm.engine.scheduler.swapper.host
     for p, out in zip(prompts, outs):
         assert out.outputs[0].token_ids == hf_greedy(path, p, 40)[0]
+
+
+@pytest.mark.parametrize("kv_cache,family,length_penalty", [("vattention", "llama", 1.0),
+                                                             ("paged", "qwen2", 0.6)])
+def test_beam_search_matches_transformers(tiny_model, kv_cache, family, length_penalty):
+    import torch
+
+    from tests.hf_reference import hf_model
+
+    path = tiny_model(family)
+    prompts = [[(5 * i) % 400 + 3 for i in range(40)], [17, 18, 19, 20, 21]]
+    with make_llm(path, kv_cache=kv_cache, max_num_seqs=8) as llm:
+        outs = llm.beam_search(prompt_token_ids=prompts, beam_width=3, max_tokens=10,
+                               length_penalty=length_penalty, n=2, use_tqdm=False)
+        assert llm.kv_stats().units_free == llm.kv_stats().units_total  # no live beam holds pages
+        llm.engine.kv.reclaim_all()
+        assert llm.kv_stats().units_shared == 0 and llm.kv_stats().units_mapped == 0
+    for p, out in zip(prompts, outs):
+        with torch.inference_mode():
+            ref = hf_model(path).generate(torch.tensor([p]), num_beams=3, do_sample=False, max_new_tokens=10,
+                                          length_penalty=length_penalty, num_return_sequences=2,
+                                          attention_mask=torch.ones(1, len(p), dtype=torch.long))
+        assert [o.token_ids for o in out.outputs] == [r[len(p):].tolist() for r in ref]
+
+
+def test_beam_search_forks_share_pages(tiny_model):
+    path = tiny_model("llama")
+    prompt = [(3 * i) % 400 + 3 for i in range(70)]
+    eng = engine_for(path, max_num_seqs=4)
+    try:
+        eng.add_request("b", None, SamplingParams(use_beam_search=True, beam_width=4, max_tokens=6, temperature=0),
+                        prompt_token_ids=prompt)
+        eng.step()  # prefill one beam, then it forks into four
+        assert eng.kv_stats().units_shared >= 2 and len(eng.scheduler.running) == 4
+        while eng.has_unfinished_requests():
+            out = eng.step()
+        assert out[0].finished and len(out[0].outputs) == 1
+    finally:
+        eng.close()

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoTokenizer
 
+from vattn.beam_search import BeamSearch
 from vattn.config import EngineConfig
 from vattn.detokenizer import IncrementalDetokenizer
 from vattn.kv_cache import KVStats, create_kv_cache
@@ -107,24 +108,29 @@ class LLMEngine:
         if len(prompt_token_ids) >= self.max_model_len:
             raise ValueError(f"prompt is {len(prompt_token_ids)} tokens but max_model_len is {self.max_model_len}: "
                              "the prompt plus at least one generated token must fit")
-        if params.use_beam_search:
-            raise ValueError("beam search runs through LLM.beam_search(), not add_request()")
-        seqs = []
-        for i in range(params.n):
-            gen = None
-            if params.seed is not None:
-                gen = torch.Generator(device=self.device).manual_seed((params.seed + i) % 2**64)
-            seqs.append(Sequence(
-                request_id=request_id, index=i, prompt_token_ids=list(prompt_token_ids), params=params,
-                detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens),
-                stop_checker=StopChecker(params.stop or [], params.include_stop_str_in_output), generator=gen,
-                logprobs=[] if params.logprobs is not None else None))
         self.prompt_tokens_total += len(prompt_token_ids)
-        req = Request(request_id, prompt, list(prompt_token_ids), params, seqs,
+        req = Request(request_id, prompt, list(prompt_token_ids), params, [],
                       RequestMetrics(arrival_time=arrival_time or time.time()))
+        seqs = req.seqs = [self._new_seq(req, prompt_token_ids, i)
+                           for i in range(1 if params.use_beam_search else params.n)]
         req.pending_forks = seqs[1:]
+        if params.use_beam_search:
+            req.beam = BeamSearch(params.beam_width, params.length_penalty,
+                                  params.max_tokens or self.max_model_len, frozenset(
+                                      () if params.ignore_eos else self.eos_token_ids | set(params.stop_token_ids)))
         self.requests[request_id] = req
         self.scheduler.add(seqs[0])
+
+    def _new_seq(self, req: Request, prompt_token_ids: list[int], index: int) -> Sequence:
+        params = req.params
+        gen = None
+        if params.seed is not None:
+            gen = torch.Generator(device=self.device).manual_seed((params.seed + index) % 2**64)
+        return Sequence(
+            request_id=req.request_id, index=index, prompt_token_ids=list(prompt_token_ids), params=params,
+            detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens),
+            stop_checker=StopChecker(params.stop or [], params.include_stop_str_in_output), generator=gen,
+            logprobs=[] if params.logprobs is not None else None)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         req = self.requests.pop(request_id, None)
@@ -133,6 +139,8 @@ class LLMEngine:
         for seq in req.seqs:
             if not seq.is_finished:
                 self._finish(seq, "abort")
+        if req.beam is not None:  # an aborted beam search answers with no hypotheses
+            req.beam.done, req.beam.finished = True, []
         self._prompt_logprobs.pop(request_id, None)
         req.metrics.finished_time = time.time()
         return self._output(req)
@@ -165,12 +173,18 @@ class LLMEngine:
             seqs, rows, logit_rows = [], [], []
             for j, seq in enumerate(out.sample_seqs):
                 req = self.requests[seq.request_id]
+                if req.beam is not None:
+                    req.beam_logprobs[seq.seq_id] = torch.log_softmax(out.sample_logits[j], -1)
+                    if len(req.beam_logprobs) == len(req.live_seqs):
+                        self._beam_step(req)
+                        touched[req.request_id] = req
+                    continue
                 family = [seq] + self._fork_pending(req, seq)
                 seqs += family
                 logit_rows += [j] * len(family)
             rows = [SamplingRow(s.params, s.prompt_token_ids, s.output_token_ids, s.generator,
                                 tuple(self.eos_token_ids)) for s in seqs]
-            results = self.sampler(out.sample_logits[logit_rows], rows)
+            results = self.sampler(out.sample_logits[logit_rows], rows) if rows else []
             now = time.time()
             for seq, res in zip(seqs, results):
                 req = self.requests[seq.request_id]
@@ -184,6 +198,42 @@ class LLMEngine:
                 del self.requests[req.request_id]
             outputs.append(self._output(req))
         return outputs
+
+    def _beam_step(self, req: Request) -> None:
+        """All live beams have their next-token logprobs: choose the next beams, forking and dropping."""
+        beams = req.live_seqs
+        logprobs = torch.stack([req.beam_logprobs.pop(b.seq_id) for b in beams])
+        room = self.max_model_len - len(beams[0].prompt_token_ids)
+        chosen = req.beam.select([b.output_token_ids for b in beams], [b.cumulative_logprob for b in beams],
+                                 logprobs, max_new=room)
+        children: dict[int, list] = {}
+        for c in chosen:
+            children.setdefault(c.beam, []).append(c)
+        for i, beam in enumerate(beams):
+            conts = children.get(i, [])
+            for c in conts[1:]:  # extra continuations fork the beam: they share its pages
+                child = self._new_seq(req, beam.prompt_token_ids, len(req.seqs))
+                child.output_token_ids = list(beam.output_token_ids)
+                child.num_computed_tokens = beam.num_computed_tokens
+                if len(self.scheduler.running) < self.config.max_num_seqs and self.kv.fork(beam, child):
+                    self.scheduler.add_running(child)
+                else:
+                    child.num_computed_tokens = 0
+                    self.scheduler.add(child)
+                req.seqs.append(child)
+                self._extend_beam(child, c)
+            if conts:
+                self._extend_beam(beam, conts[0])
+            else:
+                self._finish(beam, "dropped")
+        if req.beam.done:
+            for beam in req.live_seqs:
+                self._finish(beam, "dropped")
+
+    def _extend_beam(self, seq: Sequence, c) -> None:
+        seq.output_token_ids.append(c.token_id)
+        seq.cumulative_logprob = c.cumulative_logprob
+        self.generation_tokens_total += 1
 
     def _fork_pending(self, req: Request, parent: Sequence) -> list[Sequence]:
         """Parallel sampling: once sample 0 has its prompt cached, the other samples share its pages."""
@@ -251,6 +301,8 @@ class LLMEngine:
         self.scheduler.remove(seq)
 
     def _output(self, req: Request) -> RequestOutput:
+        if req.beam is not None:
+            return self._beam_output(req)
         outs = [CompletionOutput(
             index=s.index, text=s.text[: s.streamable_len], token_ids=list(s.output_token_ids),
             cumulative_logprob=s.cumulative_logprob if s.logprobs is not None else None,
@@ -258,6 +310,16 @@ class LLMEngine:
             finish_reason=s.finish_reason, stop_reason=s.stop_reason) for s in req.seqs]
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, req.finished, req.metrics,
                              req.prompt_logprobs, req.num_cached_tokens)
+
+    def _beam_output(self, req: Request) -> RequestOutput:
+        """Beam search answers once, at the end: the best n hypotheses, best first."""
+        best = req.beam.finished[: req.params.n] if req.beam.done else []
+        outs = [CompletionOutput(index=i, token_ids=h.token_ids, cumulative_logprob=h.cumulative_logprob,
+                                 text=self.tokenizer.decode(h.token_ids,
+                                                            skip_special_tokens=req.params.skip_special_tokens),
+                                 finish_reason=h.finish_reason) for i, h in enumerate(best)]
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, req.finished, req.metrics,
+                             None, req.num_cached_tokens)
 
     # -- introspection ----------------------------------------------------------------------------
     def kv_stats(self) -> KVStats:

@@ -47,6 +47,15 @@ class LLM:
                 raise ValueError(f"got {len(params)} sampling_params for {len(items)} prompts")
         return self._run(items, params, use_tqdm)
 
+    def beam_search(self, prompts: str | Sequence[str] | None = None, beam_width: int = 4, max_tokens: int = 16,
+                    length_penalty: float = 1.0, ignore_eos: bool = False, n: int = 1,
+                    prompt_token_ids: Sequence[Sequence[int]] | None = None,
+                    use_tqdm: bool = True) -> list[RequestOutput]:
+        """Beam search; each output holds the best `n` hypotheses, best first. Beams share pages as they fork."""
+        params = SamplingParams(use_beam_search=True, beam_width=beam_width, max_tokens=max_tokens,
+                                length_penalty=length_penalty, ignore_eos=ignore_eos, n=n, temperature=0)
+        return self.generate(prompts, params, prompt_token_ids=prompt_token_ids, use_tqdm=use_tqdm)
+
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
              use_tqdm: bool = True, add_generation_prompt: bool = True,
              chat_template: str | None = None) -> list[RequestOutput]:

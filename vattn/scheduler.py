@@ -69,6 +69,9 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             q = min(seq.num_uncomputed_tokens, budget)
+            if q == 0:  # a beam waiting for its siblings' logits: nothing to compute this step
+                i += 1
+                continue
             while not self.kv.allocate(seq, seq.num_computed_tokens + q):
                 victim = self.running[-1]
                 self._preempt(victim, batch)

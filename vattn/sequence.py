@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from vattn.beam_search import BeamSearch
 from vattn.detokenizer import IncrementalDetokenizer
 from vattn.outputs import RequestMetrics
 from vattn.sampling_params import SamplingParams
@@ -71,7 +72,15 @@ class Request:
     num_cached_tokens: int = 0
     # n > 1: samples 1..n-1 wait for sample 0's prefill, then fork its cache and sample from the same logits
     pending_forks: list[Sequence] = field(default_factory=list)
+    beam: BeamSearch | None = None  # beam search state; its live beams are the unfinished `seqs`
+    beam_logprobs: dict[int, torch.Tensor] = field(default_factory=dict)  # seq_id -> next-token logprobs, this round
 
     @property
     def finished(self) -> bool:
+        if self.beam is not None:
+            return self.beam.done
         return all(s.is_finished for s in self.seqs)
+
+    @property
+    def live_seqs(self) -> list[Sequence]:
+        return [s for s in self.seqs if not s.is_finished]

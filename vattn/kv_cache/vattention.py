@@ -352,11 +352,14 @@ class VAttentionKVCache(KVCacheManager):
         unit_pages = len(self.tensors)
         mapped_units = self.pool.num_used // unit_pages  # physical: a page shared by several rows counts once
         idle = self._idle_units()
+        t0 = self.tensors[0]
+        live_units = len({t0.page_at(s * self.pages_per_slot + p) for s in self.slot_of.values()
+                          for p in range(self.mapped[s])})
         live_tokens = sum(self.live)
         st = self.pool.stats()
         return KVStats(
             kind=self.kind, page_bytes=self.page_size * unit_pages, tokens_per_unit=int(self.tokens_per_page),
-            units_total=self.pool.num_pages // unit_pages, units_free=self._free_units() + idle,
+            units_total=self.pool.num_pages // unit_pages, units_free=self.pool.num_pages // unit_pages - live_units,
             units_mapped=mapped_units, units_idle=idle,
             units_shared=self.pool.num_shared // unit_pages, live_tokens=live_tokens,
             prefix_cache_queries=self.cache.queries, prefix_cache_hits=self.cache.hits,
