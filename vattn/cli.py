@@ -1,0 +1,191 @@
+"""The `vattn` command: `vattn serve` (OpenAI-compatible HTTP server) and `vattn generate` (one-shot, offline).
+
+Every EngineConfig field is a flag, generated from the dataclass: `--max-num-seqs 32`, `--kv-cache paged`,
+`--no-enable-prefix-caching`; sizes in bytes take suffixes (`--kv-cache-memory 2G`, `--page-size 64K`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import json
+import logging
+import re
+import signal
+import sys
+import types
+import typing
+
+from vattn import config as config_module
+from vattn.config import EngineConfig
+
+SIZE_FIELDS = ("kv_cache_memory", "page_size")  # bytes; accept 64K, 2M, 1G, 1.5G, 4096
+CHOICES = {"kv_cache": config_module.KV_CACHE_KINDS, "dtype": config_module.DTYPES,
+           "preemption_mode": config_module.PREEMPTION_MODES}
+HELP = {  # for fields whose line in config.py carries no comment
+    "model": "model directory (Hugging Face layout: config.json, safetensors, tokenizer); default: the bundled model",
+    "max_num_seqs": "most sequences in one batch (rows of the virtual KV tensors)",
+    "max_model_len": "context length (prompt + output) of one sequence; None: the model's max_position_embeddings, "
+                     "capped at 4096",
+    "max_num_batched_tokens": "most tokens (prefill + decode) computed in one engine step",
+    "enable_prefix_caching": "reuse the KV cache of a shared prompt prefix",
+    "seed": "seed of the engine's default random generator",
+    "extra": "JSON object of extra engine options",
+}
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """'4096' -> 4096, '64K' -> 65536, '2M', '1.5G', '1GiB', '512MB' (binary units)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*", str(text).upper())
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size in bytes: {text!r} (examples: 4096, 64K, 2M, 1G)")
+    value = float(m.group(1)) * _UNITS[m.group(2)]
+    if value != int(value):
+        raise argparse.ArgumentTypeError(f"not a whole number of bytes: {text!r}")
+    return int(value)
+
+
+def _field_comments() -> dict[str, str]:
+    """The trailing `# ...` comment of each field line in EngineConfig's source: our --help text."""
+    comments = {}
+    for line in inspect.getsource(EngineConfig).splitlines():
+        m = re.match(r"\s+(\w+):[^#]*#\s*(.+)$", line)
+        if m:
+            comments[m.group(1)] = m.group(2).strip()
+    return comments
+
+
+def _base_type(hint):
+    """int | None -> int; anything else unchanged."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return args[0] if len(args) == 1 else str
+    return hint
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """One flag per EngineConfig field, with its type, default, choices and help."""
+    group = parser.add_argument_group("engine (EngineConfig)")
+    hints = typing.get_type_hints(EngineConfig)
+    comments = _field_comments()
+    for f in dataclasses.fields(EngineConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = HELP.get(f.name) or comments.get(f.name) or f"EngineConfig.{f.name}"
+        kind = _base_type(hints[f.name])
+        help_text = f"{help_text} (default: {default})".replace("%", "%%")
+        kw: dict = dict(dest=f.name, default=default, help=help_text)
+        if kind is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif f.name in SIZE_FIELDS:
+            kw.update(type=parse_size, metavar="BYTES")
+        elif kind is dict:
+            kw.update(type=_json_object, metavar="JSON")
+        else:
+            kw["type"] = kind
+            if f.name in CHOICES:
+                kw["choices"] = list(CHOICES[f.name])
+        group.add_argument(flag, **kw)
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vattn", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server",
+                           description="Serve a model over an OpenAI-compatible HTTP API "
+                                       "(/v1/completions, /v1/chat/completions, /v1/models, /tokenize, "
+                                       "/detokenize, /health, /metrics).")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="TCP port to listen on (default: 8000)")
+    serve.add_argument("--served-model-name", default=None,
+                       help="model name clients must send and /v1/models lists (default: the model dir's basename)")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                       help="logging level; info logs one line per finished request (default: info)")
+    serve.add_argument("--shutdown-timeout", type=float, default=5.0,
+                       help="seconds to let open connections finish after SIGINT/SIGTERM (default: 5)")
+    add_engine_args(serve)
+
+    gen = sub.add_parser("generate", help="generate text for a prompt, offline, and print it",
+                         description="Load the model, generate for each --prompt, print the text.")
+    gen.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
+    gen.add_argument("--max-tokens", type=int, default=64, help="tokens to generate at most (default: 64)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1)")
+    gen.add_argument("--sampling-seed", type=int, default=None, help="seed of the sampler (default: none)")
+    gen.add_argument("--chat", action="store_true", help="wrap each prompt as a user message (chat template)")
+    add_engine_args(gen)
+    return parser
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from vattn.engine import LLMEngine
+    from vattn.server import build_app
+
+    engine = LLMEngine(engine_config(args))
+    app = build_app(engine, args.served_model_name)
+    server = uvicorn.Server(uvicorn.Config(
+        app, host=args.host, port=args.port, log_level=args.log_level, log_config=None,
+        access_log=args.log_level == "debug", timeout_graceful_shutdown=args.shutdown_timeout))
+    # uvicorn re-raises a caught SIGINT/SIGTERM once it has shut down, through the handler that was
+    # installed before it started: make that one a no-op, so a requested shutdown exits 0.
+    received = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, _frame: received.append(signum))
+    try:
+        server.run()
+    finally:
+        app.state.ctx.engine.shutdown()  # no-op when the lifespan already did it
+    if received:
+        logging.getLogger("vattn.server").info("shut down on %s", signal.Signals(received[0]).name)
+    return 0 if server.started or received else 1
+
+
+def generate(args: argparse.Namespace) -> int:
+    from vattn.llm import LLM
+    from vattn.sampling_params import SamplingParams
+
+    llm = LLM(**dataclasses.asdict(engine_config(args)))
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            seed=args.sampling_seed)
+    with llm:
+        if args.chat:
+            outs = llm.chat([[{"role": "user", "content": p}] for p in args.prompt], params, use_tqdm=False)
+        else:
+            outs = llm.generate(args.prompt, params, use_tqdm=False)
+    for out in outs:
+        print(out.outputs[0].text, flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=getattr(args, "log_level", "info").upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return serve(args) if args.command == "serve" else generate(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"vattn {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

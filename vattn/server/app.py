@@ -1,0 +1,112 @@
+"""The FastAPI application: OpenAI-compatible routes over one AsyncEngine, plus tokenize, health and metrics."""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from vattn.engine import LLMEngine
+from vattn.server.async_engine import AsyncEngine, EngineError
+from vattn.server.chat import create_chat_completion
+from vattn.server.completions import create_completion
+from vattn.server.errors import APIError, error_response, install_error_handlers
+from vattn.server.metrics import CONTENT_TYPE, ServerMetrics
+from vattn.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+)
+from vattn.server.serving import ServingContext
+
+log = logging.getLogger("vattn.server")
+
+
+def served_name(engine: LLMEngine, served_model_name: str | None = None) -> str:
+    """--served-model-name, or the model directory's basename."""
+    return served_model_name or os.path.basename(os.path.normpath(str(engine.config.model)))
+
+
+def build_app(engine: LLMEngine, served_model_name: str | None = None) -> FastAPI:
+    """An app that owns `engine`: the engine thread starts with the app and stops (closing the KV cache) with it."""
+    metrics = ServerMetrics(engine.config.kv_cache)
+    async_engine = AsyncEngine(engine, metrics)
+    ctx = ServingContext(async_engine, served_name(engine, served_model_name))
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        async_engine.start()
+        log.info("serving %s (kv_cache=%s, max_model_len=%d, max_num_seqs=%d)", ctx.model_name,
+                 engine.config.kv_cache, engine.max_model_len, engine.config.max_num_seqs)
+        try:
+            yield
+        finally:
+            async_engine.shutdown()
+
+    app = FastAPI(title="vattn", lifespan=lifespan)
+    app.state.ctx = ctx
+    install_error_handlers(app)
+
+    @app.exception_handler(EngineError)
+    async def _engine_error(_: Request, exc: EngineError):
+        return error_response(str(exc), 500)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception):
+        log.exception("unhandled error")
+        return error_response(f"internal error: {exc!r}", 500)
+
+    @app.get("/health")
+    async def health() -> Response:
+        if not async_engine.is_running:
+            return error_response("the engine is not running", 503)
+        return Response(status_code=200)
+
+    @app.get("/v1/models")
+    async def models() -> ModelList:
+        return ModelList(data=[ModelCard(id=ctx.model_name, root=str(engine.config.model),
+                                         max_model_len=engine.max_model_len)])
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, raw: Request) -> Response:
+        return await create_completion(req, raw, ctx)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest, raw: Request) -> Response:
+        return await create_chat_completion(req, raw, ctx)
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest) -> JSONResponse:
+        ctx.check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError("give exactly one of prompt or messages", param="prompt")
+        if req.prompt is not None:
+            tokens = ctx.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        else:
+            try:
+                conversation = [{"role": m.role, "content": m.text()} for m in req.messages]
+            except ValueError as exc:
+                raise APIError(str(exc), param="messages") from exc
+            tokens = ctx.encode_messages(conversation, req.add_generation_prompt)
+        return JSONResponse({"tokens": tokens, "count": len(tokens), "max_model_len": engine.max_model_len})
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest) -> JSONResponse:
+        ctx.check_model(req.model)
+        vocab = engine.spec.vocab_size
+        bad = [t for t in req.tokens if not 0 <= t < vocab]
+        if bad:
+            raise APIError(f"tokens has ids outside the vocabulary [0, {vocab}): {bad[:5]}", param="tokens")
+        return JSONResponse({"prompt": ctx.tokenizer.decode(req.tokens)})
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    return app
