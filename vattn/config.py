@@ -19,7 +19,7 @@ class EngineConfig:
     kv_cache: str = "vattention"  # "vattention" (virtually contiguous) or "paged" (block tables)
     device: str = "auto"  # "auto" picks cuda when available, else cpu
     dtype: str = "auto"  # "auto": bfloat16 on GPU, float32 on CPU
-    kv_cache_memory: int | None = None  # bytes of physical KV pool; None: 1 GiB on CPU, 90% free on GPU
+    kv_cache_memory: int | None = None  # bytes of physical KV pool; None: 1 GiB on CPU, 85% of free GPU memory less 1 GiB
     page_size: int | None = None  # bytes per physical page; None: 64 KiB host, driver granularity on GPU
     block_size: int = 16  # tokens per block on the paged path
     max_num_seqs: int = 16

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from tqdm.auto import tqdm
 
+from vattn.chat_template import encode_chat
 from vattn.config import DEFAULT_MODEL_DIR, EngineConfig
 from vattn.engine import LLMEngine
 from vattn.kv_cache import KVStats
@@ -66,14 +67,7 @@ class LLM:
 
     def encode_chat(self, conversation: list[dict], add_generation_prompt: bool = True,
                     chat_template: str | None = None) -> list[int]:
-        if self.tokenizer.chat_template is None and chat_template is None:
-            raise ValueError("this model's tokenizer has no chat template; pass chat_template=...")
-        for m in conversation:
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise ValueError(f"each chat message needs 'role' and 'content', got {m!r}")
-        text = self.tokenizer.apply_chat_template(conversation, tokenize=False, chat_template=chat_template,
-                                                  add_generation_prompt=add_generation_prompt)
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return encode_chat(self.tokenizer, conversation, add_generation_prompt, chat_template)
 
     def _run(self, items, params, use_tqdm: bool) -> list[RequestOutput]:
         ids = []
