@@ -168,29 +168,7 @@ class LLMEngine:
             if seq.seq_id in out.prompt_logits:
                 self._collect_prompt_logprobs(seq, out.prompt_logits[seq.seq_id])
             seq.num_computed_tokens += q
-        touched: dict[str, Request] = {}
-        if out.sample_seqs:
-            seqs, rows, logit_rows = [], [], []
-            for j, seq in enumerate(out.sample_seqs):
-                req = self.requests[seq.request_id]
-                if req.beam is not None:
-                    req.beam_logprobs[seq.seq_id] = torch.log_softmax(out.sample_logits[j], -1)
-                    if len(req.beam_logprobs) == len(req.live_seqs):
-                        self._beam_step(req)
-                        touched[req.request_id] = req
-                    continue
-                family = [seq] + self._fork_pending(req, seq)
-                seqs += family
-                logit_rows += [j] * len(family)
-            rows = [SamplingRow(s.params, s.prompt_token_ids, s.output_token_ids, s.generator,
-                                tuple(self.eos_token_ids)) for s in seqs]
-            results = self.sampler(out.sample_logits[logit_rows], rows) if rows else []
-            now = time.time()
-            for seq, res in zip(seqs, results):
-                req = self.requests[seq.request_id]
-                req.metrics.first_token_time = req.metrics.first_token_time or now
-                self._append_token(seq, res)
-                touched[req.request_id] = req
+        touched = self._sample(out) if out.sample_seqs else {}
         outputs = []
         for req in touched.values():
             if req.finished:
@@ -198,6 +176,34 @@ class LLMEngine:
                 del self.requests[req.request_id]
             outputs.append(self._output(req))
         return outputs
+
+    def _sample(self, out) -> dict[str, Request]:
+        """Next tokens for the sequences whose step reached their end; returns the requests that moved."""
+        touched: dict[str, Request] = {}
+        seqs, logit_rows = [], []
+        for j, seq in enumerate(out.sample_seqs):
+            req = self.requests[seq.request_id]
+            if req.beam is not None:  # beams choose together once all of them have their logprobs
+                req.beam_logprobs[seq.seq_id] = torch.log_softmax(out.sample_logits[j], -1)
+                if len(req.beam_logprobs) == len(req.live_seqs):
+                    self._beam_step(req)
+                    touched[req.request_id] = req
+                continue
+            family = [seq] + self._fork_pending(req, seq)  # n > 1: the other samples sample from this row too
+            seqs += family
+            logit_rows += [j] * len(family)
+        if not seqs:
+            return touched
+        rows = [SamplingRow(s.params, s.prompt_token_ids, s.output_token_ids, s.generator,
+                            tuple(self.eos_token_ids)) for s in seqs]
+        results = self.sampler(out.sample_logits[logit_rows], rows)
+        now = time.time()
+        for seq, res in zip(seqs, results):
+            req = self.requests[seq.request_id]
+            req.metrics.first_token_time = req.metrics.first_token_time or now
+            self._append_token(seq, res)
+            touched[req.request_id] = req
+        return touched
 
     def _beam_step(self, req: Request) -> None:
         """All live beams have their next-token logprobs: choose the next beams, forking and dropping."""
@@ -214,12 +220,7 @@ class LLMEngine:
             for c in conts[1:]:  # extra continuations fork the beam: they share its pages
                 child = self._new_seq(req, beam.prompt_token_ids, len(req.seqs))
                 child.output_token_ids = list(beam.output_token_ids)
-                child.num_computed_tokens = beam.num_computed_tokens
-                if len(self.scheduler.running) < self.config.max_num_seqs and self.kv.fork(beam, child):
-                    self.scheduler.add_running(child)
-                else:
-                    child.num_computed_tokens = 0
-                    self.scheduler.add(child)
+                self._fork_or_queue(beam, child)
                 req.seqs.append(child)
                 self._extend_beam(child, c)
             if conts:
@@ -239,13 +240,17 @@ class LLMEngine:
         """Parallel sampling: once sample 0 has its prompt cached, the other samples share its pages."""
         forks, req.pending_forks = req.pending_forks, []
         for child in forks:
-            child.num_computed_tokens = parent.num_computed_tokens
-            if len(self.scheduler.running) < self.config.max_num_seqs and self.kv.fork(parent, child):
-                self.scheduler.add_running(child)
-            else:  # no room to share now: it will prefill on its own (its first token is sampled here)
-                child.num_computed_tokens = 0
-                self.scheduler.add(child)
+            self._fork_or_queue(parent, child)
         return forks
+
+    def _fork_or_queue(self, parent: Sequence, child: Sequence) -> None:
+        """Run `child` on `parent`'s cached tokens; without room to share, it queues and prefills on its own."""
+        child.num_computed_tokens = parent.num_computed_tokens
+        if len(self.scheduler.running) < self.config.max_num_seqs and self.kv.fork(parent, child):
+            self.scheduler.add_running(child)
+        else:
+            child.num_computed_tokens = 0
+            self.scheduler.add(child)
 
     def _fail_unschedulable(self) -> list[RequestOutput]:
         """Nothing could run although work waits: the head sequence can never fit. Fail its request."""
