@@ -15,18 +15,23 @@ Kernels:
               whose block is a whole row (block_table[i] = [slot], page size L, which flash-attn requires
               to be a multiple of 256); the kernel then reads rows [slot, :ctx] in place. If L is not a
               multiple of 256 such steps go to torch_flash.
+  triton      our Triton kernel's contiguous twin (vattn.attention.triton_kernels.contiguous_attention), the
+              same kernel family as the paged path's default GPU kernel, so the two layouts compare on one kernel.
+              Needs CUDA, or TRITON_INTERPRET=1 on CPU (slow: tests only).
 All kernels use bottom-right causal alignment: query j of sequence i sits at ctx - qlen + j and sees keys
 at positions <= its own.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
 from vattn.attention.metadata import AttentionMetadata
 
-KERNELS = ("auto", "sdpa", "torch_flash", "flash_attn")
+KERNELS = ("auto", "sdpa", "torch_flash", "flash_attn", "triton")
 
 
 def flash_attn_available() -> bool:
@@ -51,6 +56,10 @@ def choose_kernel(kernel: str, device: torch.device, dtype: torch.dtype, head_di
     """Resolve "auto": flash_attn, else torch_flash on CUDA for fp16/bf16, else sdpa."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if kernel == "triton":
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("kernel 'triton' needs a CUDA device (or TRITON_INTERPRET=1 on CPU)")
+        return kernel
     if kernel != "auto":
         if kernel in ("torch_flash", "flash_attn") and not torch_flash_supported(device, dtype, head_dim):
             raise ValueError(f"kernel {kernel!r} needs a CUDA sm80+ device, fp16/bf16 and head_dim % 8 == 0 <= 256")
@@ -99,6 +108,10 @@ class ContiguousAttention:
             raise ValueError(f"max_context_len {meta.max_context_len} exceeds the cache's max_model_len {self.max_model_len}")
         self.write_kv(layer, k, v, meta)
         kc, vc = self.k_caches[layer], self.v_caches[layer]
+        if self.kernel == "triton":
+            from vattn.attention.triton_kernels import contiguous_attention
+            return contiguous_attention(q, kc, vc, meta.slots_tensor, meta.context_lens_tensor, meta.cu_query_lens,
+                                        meta.max_query_len, self.scale)
         if self.kernel == "flash_attn":
             return self._flash_attn(q, kc, vc, meta)
         if self.kernel == "torch_flash":
