@@ -58,15 +58,19 @@ def build_engine(model: str, kind: str, device: str, args, page_size: int | None
     return engine
 
 
+NEAR_TIE = 1e-3  # nats: two candidates this close may swap places when the batch (so the float order) differs
+
+
 def greedy(max_tokens: int) -> SamplingParams:
-    return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    # top-2 logprobs prove, where two paths diverge, that the two tokens were tied within float noise
+    return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, logprobs=2)
 
 
 def drive(engine: LLMEngine, wl: Workload, sync) -> dict:
     """Run the workload to completion; returns timings, per-step KV samples and each request's tokens."""
     pending = sorted(wl.requests, key=lambda r: r.arrival)
     arrival = {r.request_id: r.arrival for r in wl.requests}
-    first, finish, tokens = {}, {}, {}
+    first, finish, tokens, logprobs = {}, {}, {}, {}
     samples = []  # (mapped_bytes, used_bytes, held_bytes): held = units owned by live sequences
     clock, steps, step_time = 0.0, 0, 0.0
     preempt0 = engine.scheduler.num_preemptions
@@ -93,6 +97,7 @@ def drive(engine: LLMEngine, wl: Workload, sync) -> dict:
             if out.finished:
                 finish[rid] = clock
                 tokens[rid] = list(out.outputs[0].token_ids)
+                logprobs[rid] = out.outputs[0].logprobs
         st = engine.kv_stats()
         samples.append((st.mapped_bytes, st.used_bytes, (st.units_total - st.units_free) * st.page_bytes))
     st = engine.kv_stats()
@@ -109,6 +114,7 @@ def drive(engine: LLMEngine, wl: Workload, sync) -> dict:
     held = [u / h for _, u, h in samples if h > 0]
     return {
         "tokens": tokens,
+        "logprobs": logprobs,
         "metrics": {
             "steps": steps, "output_tokens": n_out, "total_time_s": clock, "busy_time_s": step_time,
             "output_tokens_per_s": n_out / clock,
@@ -150,16 +156,25 @@ def run_path(model: str, kind: str, page_size: int | None, device: str, wl: Work
         engine.close()
 
 
-def check_tokens(results: list[dict], wl: Workload) -> None:
-    ref = results[0]
+def check_tokens(results: list[dict], wl: Workload) -> int:
+    """Every path must produce the reference path's tokens. The one exception is a near-tie: where two paths first
+    diverge, the reference's own top-2 logprobs show both tokens within NEAR_TIE (the continuations then differ,
+    so the rest of that request is not compared). Returns how many requests diverged that way."""
+    ref, near_ties = results[0], 0
     for other in results[1:]:
         for r in wl.requests:
             a, b = ref["tokens"][r.request_id], other["tokens"][r.request_id]
-            if a != b:
-                at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-                raise TokenMismatchError(
-                    f"{ref['metrics']['path']} and {other['metrics']['path']} differ on request {r.request_id} "
-                    f"at output token {at}: {a[at:at + 5]} vs {b[at:at + 5]}")
+            if a == b:
+                continue
+            at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            lp = ref.get("logprobs", {}).get(r.request_id)
+            if lp and at < min(len(a), len(b)) and b[at] in lp[at] and lp[at][a[at]] - lp[at][b[at]] < NEAR_TIE:
+                near_ties += 1
+                continue
+            raise TokenMismatchError(
+                f"{ref['metrics']['path']} and {other['metrics']['path']} differ on request {r.request_id} "
+                f"at output token {at}: {a[at:at + 5]} vs {b[at:at + 5]}")
+    return near_ties
 
 
 COLUMNS = [("path", "s"), ("attention_kernel", "s"), ("tokens_per_unit", "d"), ("output_tokens_per_s", ".1f"),
@@ -221,7 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
     for _ in range(args.repeats):  # round-robin, so drifting load on a shared machine hits every path alike
         for i, (kind, ps) in enumerate(paths):
             reps[i].append(run_path(model, kind, ps, device, wl, args))
-    check_tokens([r for path_reps in reps for r in path_reps], wl)
+    near_ties = check_tokens([r for path_reps in reps for r in path_reps], wl)
     rows = []
     for path_reps in reps:  # the repeat with the median total time stands for the path
         ordered = sorted(path_reps, key=lambda r: r["metrics"]["total_time_s"])
@@ -235,7 +250,8 @@ def main(argv: list[str] | None = None) -> dict:
         r["peak_mapped_ratio"] = r["peak_mapped_bytes"] / base["peak_mapped_bytes"]
         r["mean_mapped_ratio"] = r["mean_mapped_bytes"] / base["mean_mapped_bytes"]
     head["load_avg_end"] = load_average()
-    payload = {**head, "tokens_identical_across_paths": True, "results": rows,
+    payload = {**head, "tokens_identical_across_paths": near_ties == 0, "near_tie_divergences": near_ties,
+               "results": rows,
                "ratios_note": "throughput_ratio and *_mapped_ratio are this path / paged, measured in this run"}
     s = wl.summary()
     text = "\n".join([
@@ -245,7 +261,9 @@ def main(argv: list[str] | None = None) -> dict:
         f"{s['output_mean']:.1f} max {s['output_max']}; KV pool {args.kv_memory / 2**20:.0f} MiB per path, "
         f"max_num_seqs {args.max_num_seqs}, block size {args.block_size}",
         format_table(COLUMNS, rows),
-        "greedy output tokens identical on every path: yes (checked)",
+        "greedy output tokens identical on every path: " + (
+            "yes (checked)" if near_ties == 0 else
+            f"yes but for {near_ties} request(s) that diverged at a near-tie (top-2 within {NEAR_TIE} nats, checked)"),
         f"median of {args.repeats} round-robin repeat(s) per path; "
         "ratios = path / paged from this run; used_fraction_of_mapped = live-token bytes / mapped bytes (vAttention "
         "keeps finished rows mapped for reuse), _of_held = / bytes held by live sequences; means over steps",

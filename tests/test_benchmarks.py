@@ -74,9 +74,16 @@ def test_compare_token_check_can_fail():
     ids = [r.request_id for r in wl.requests]
     a = {"metrics": {"path": "paged"}, "tokens": {ids[0]: [5, 6, 7], ids[1]: [1]}}
     b = {"metrics": {"path": "vattention@4K"}, "tokens": {ids[0]: [5, 9, 7], ids[1]: [1]}}
-    compare.check_tokens([a, a], wl)
+    assert compare.check_tokens([a, a], wl) == 0
     with pytest.raises(compare.TokenMismatchError, match=f"{ids[0]} at output token 1"):
         compare.check_tokens([a, b], wl)
+    # a divergence where the reference's own logprobs show a near-tie is float noise, not a different computation
+    lp = [{5: -0.1}, {6: -1.0, 9: -1.0 - compare.NEAR_TIE / 2}, {7: -0.2}]
+    a_tie = {**a, "logprobs": {ids[0]: lp, ids[1]: [{1: -0.5}]}}
+    assert compare.check_tokens([a_tie, b], wl) == 1
+    lp_far = [{5: -0.1}, {6: -1.0, 9: -1.5}, {7: -0.2}]
+    with pytest.raises(compare.TokenMismatchError):
+        compare.check_tokens([{**a, "logprobs": {ids[0]: lp_far, ids[1]: [{1: -0.5}]}}, b], wl)
 
 
 def test_sharing_saves_memory_for_beams(tiny_bench_model, tmp_path):
