@@ -46,7 +46,6 @@ def tokenizer():
 def model():
     from transformers import AutoModelForCausalLM
 
-    torch.set_num_threads(2)
     return AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32).eval()
 
 
@@ -147,3 +146,24 @@ def test_model_learned_to_end_documents_with_eos(script, metrics, tokenizer, mod
             logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
         hits += tokenizer.eos_token_id in logits.topk(5).indices.tolist()
     assert hits >= 6, f"eos in the top 5 at only {hits}/8 document ends"
+
+
+def test_vattn_default_llm_agrees_with_transformers(tokenizer, model):
+    """`LLM()` with no model argument serves this model, and its greedy text is transformers' token for token."""
+    from vattn import LLM, SamplingParams
+
+    prompts = ['The "assert" statement', "A for loop", "The import system"]
+    with LLM(kv_cache_memory=64 << 20) as llm:
+        assert Path(llm.engine.config.model) == MODEL_DIR
+        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)
+        chat = llm.chat([{"role": "user", "content": "Explain assert in Python."}],
+                        SamplingParams(temperature=0, max_tokens=16), use_tqdm=False)[0]
+    for prompt, out in zip(prompts, outs):
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        assert out.prompt_token_ids == ids[0].tolist()
+        with torch.no_grad():
+            ref = model.generate(ids, max_new_tokens=24, do_sample=False)[0, ids.size(1):].tolist()
+        n = len(out.outputs[0].token_ids)  # ours stops at eos too; transformers pads after it
+        assert out.outputs[0].token_ids == ref[:n]
+        assert out.outputs[0].text == tokenizer.decode(ref[:n], skip_special_tokens=True)
+    assert chat.outputs[0].text.strip()
