@@ -48,14 +48,9 @@ def build_engine(model: str, kind: str, device: str, args, page_size: int | None
     cfg = EngineConfig(model=model, kv_cache=kind, device=device, dtype=args.dtype, kv_cache_memory=args.kv_memory,
                        page_size=page_size, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
                        max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
-                       enable_prefix_caching=False, preemption_mode=args.preemption_mode)
-    engine = LLMEngine(cfg)
-    if kind == "vattention" and args.contiguous_kernel != "auto":
-        from vattn.attention.contiguous import choose_kernel
-
-        backend = engine.kv.attention_backend
-        backend.kernel = choose_kernel(args.contiguous_kernel, engine.device, engine.dtype, backend.head_dim)
-    return engine
+                       enable_prefix_caching=False, preemption_mode=args.preemption_mode,
+                       attention_kernel=args.contiguous_kernel if kind == "vattention" else "auto")
+    return LLMEngine(cfg)
 
 
 NEAR_TIE = 1e-3  # nats: two candidates this close may swap places when the batch (so the float order) differs

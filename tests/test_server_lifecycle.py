@@ -62,13 +62,13 @@ def test_flags_map_onto_engine_config(tiny_model):
     args = build_parser().parse_args([
         "serve", "--model", tiny_model("llama"), "--kv-cache", "paged", "--kv-cache-memory", "64M",
         "--page-size", "2M", "--max-num-seqs", "3", "--max-model-len", "100", "--no-enable-prefix-caching",
-        "--preemption-mode", "swap", "--no-background-mapping", "--seed", "5", "--extra", '{"a": 1}',
+        "--preemption-mode", "swap", "--no-background-mapping", "--seed", "5", "--attention-kernel", "torch",
         "--served-model-name", "m", "--port", "9"])
     cfg = engine_config(args)
     assert (cfg.kv_cache, cfg.kv_cache_memory, cfg.page_size, cfg.max_num_seqs, cfg.max_model_len) == (
         "paged", 64 << 20, 2 << 20, 3, 100)
     assert cfg.enable_prefix_caching is False and cfg.background_mapping is False
-    assert (cfg.preemption_mode, cfg.seed, cfg.extra) == ("swap", 5, {"a": 1})
+    assert (cfg.preemption_mode, cfg.seed, cfg.attention_kernel) == ("swap", 5, "torch")
     assert (args.served_model_name, args.port) == ("m", 9)
 
 
@@ -80,7 +80,7 @@ def test_parse_size(text, value):
 
 @pytest.mark.parametrize("argv", [["serve", "--kv-cache-memory", "lots"], ["serve", "--page-size", "1.3K"],
                                   ["serve", "--kv-cache", "blocks"], ["serve", "--max-num-seqs", "x"],
-                                  ["serve", "--extra", "[1]"]])
+                                  ["serve", "--attention-kernel", "warp"]])
 def test_bad_flags_exit_with_usage_error(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         build_parser().parse_args(argv)
@@ -100,7 +100,7 @@ def test_cli_generate_prints_what_the_library_generates(tiny_model):
 
     model = tiny_model("llama")
     res = _cli("generate", "--model", model, "--prompt", "Hello", "--prompt", "World", "--max-tokens", "6",
-               "--max-model-len", "64", "--kv-cache-memory", "2M", "--extra", '{"note": "x"}')
+               "--max-model-len", "64", "--kv-cache-memory", "2M", "--attention-kernel", "sdpa")
     assert res.returncode == 0, res.stderr
     with LLM(model, max_model_len=64, kv_cache_memory=2 << 20) as llm:
         ref = llm.generate(["Hello", "World"], SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
-import json
 import logging
 import re
 import signal
@@ -22,7 +21,8 @@ from vattn.config import EngineConfig
 
 SIZE_FIELDS = ("kv_cache_memory", "page_size")  # bytes; accept 64K, 2M, 1G, 1.5G, 4096
 CHOICES = {"kv_cache": config_module.KV_CACHE_KINDS, "dtype": config_module.DTYPES,
-           "preemption_mode": config_module.PREEMPTION_MODES}
+           "preemption_mode": config_module.PREEMPTION_MODES,
+           "attention_kernel": sorted({k for ks in config_module.ATTENTION_KERNELS.values() for k in ks})}
 HELP = {  # for fields whose line in config.py carries no comment
     "model": "model directory (Hugging Face layout: config.json, safetensors, tokenizer); default: the bundled model",
     "max_num_seqs": "most sequences in one batch (rows of the virtual KV tensors)",
@@ -31,7 +31,8 @@ HELP = {  # for fields whose line in config.py carries no comment
     "max_num_batched_tokens": "most tokens (prefill + decode) computed in one engine step",
     "enable_prefix_caching": "reuse the KV cache of a shared prompt prefix",
     "seed": "seed of the engine's default random generator",
-    "extra": "JSON object of extra engine options",
+    "attention_kernel": "attention kernel: auto, or for vattention sdpa|torch_flash|flash_attn|triton, "
+                        "for paged torch|triton|flash_attn",
 }
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -65,16 +66,6 @@ def _base_type(hint):
     return hint
 
 
-def _json_object(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from exc
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("must be a JSON object")
-    return value
-
-
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """One flag per EngineConfig field, with its type, default, choices and help."""
     group = parser.add_argument_group("engine (EngineConfig)")
@@ -91,8 +82,6 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
             kw["action"] = argparse.BooleanOptionalAction
         elif f.name in SIZE_FIELDS:
             kw.update(type=parse_size, metavar="BYTES")
-        elif kind is dict:
-            kw.update(type=_json_object, metavar="JSON")
         else:
             kw["type"] = kind
             if f.name in CHOICES:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
 
 KV_CACHE_KINDS = ("vattention", "paged")
 PREEMPTION_MODES = ("recompute", "swap")
+ATTENTION_KERNELS = {"vattention": ("auto", "sdpa", "torch_flash", "flash_attn", "triton"),
+                     "paged": ("auto", "torch", "triton", "flash_attn")}
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -29,11 +31,15 @@ class EngineConfig:
     preemption_mode: str | None = None  # None: "swap" on GPU, "recompute" on CPU
     background_mapping: bool = True  # map next step's pages on a helper thread
     seed: int = 0
-    extra: dict = field(default_factory=dict)
+    # "auto", or one of the chosen path's kernels: vattention sdpa|torch_flash|flash_attn|triton, paged torch|triton|flash_attn
+    attention_kernel: str = "auto"
 
     def __post_init__(self) -> None:
         if self.kv_cache not in KV_CACHE_KINDS:
             raise ValueError(f"kv_cache must be one of {KV_CACHE_KINDS}, got {self.kv_cache!r}")
+        if self.attention_kernel not in ATTENTION_KERNELS[self.kv_cache]:
+            raise ValueError(f"attention_kernel for kv_cache={self.kv_cache!r} must be one of "
+                             f"{ATTENTION_KERNELS[self.kv_cache]}, got {self.attention_kernel!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.preemption_mode is not None and self.preemption_mode not in PREEMPTION_MODES:
