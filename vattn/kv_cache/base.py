@@ -19,7 +19,7 @@ class KVStats:
     units_total: int  # physical units in the pool
     units_free: int  # not mapped / not in any block table (plus idle units ready for reclamation, see below)
     units_mapped: int  # in use by a sequence or held mapped for reuse
-    units_idle: int  # mapped but owned by no live sequence (deferred reclamation); 0 on the paged path
+    units_idle: int  # mapped but holding no live tokens, kept for reuse (deferred reclamation); 0 on the paged path
     units_shared: int  # mapped in more than one place
     live_tokens: int  # tokens of running sequences held in the cache
     reserved_bytes: int  # virtual address space reserved (vattention) or pool tensor bytes (paged)

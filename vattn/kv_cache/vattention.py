@@ -112,7 +112,9 @@ class VAttentionKVCache(KVCacheManager):
         return self.pool.num_free // len(self.tensors)
 
     def _idle_units(self, exclude: int | None = None) -> int:
-        return sum(self.mapped[s] for s in self.free_slots if s != exclude)
+        """Pages (per tensor) that reclamation could unmap: idle rows and the surplus of live rows."""
+        return (sum(self.mapped[s] for s in self.free_slots if s != exclude)
+                + sum(self._surplus(s) for s in self.slot_of.values()))
 
     # -- the scheduler's questions ---------------------------------------------------------------
     def _pick_slot(self, num_tokens: int) -> int:
@@ -187,25 +189,33 @@ class VAttentionKVCache(KVCacheManager):
         map_many(self.tensors, first, count)
         self.mapped[slot] += count
 
+    def _surplus(self, slot: int) -> int:
+        """Pages mapped in a live row beyond what its sequence holds (left by a longer predecessor, or mapped ahead)."""
+        return max(0, self.mapped[slot] - self.pages_for(self.live[slot]))
+
     def _reclaim(self, units: int, keep: int | None = None) -> None:
-        """Unmap up to `units` trailing pages from idle rows (largest first)."""
+        """Unmap up to `units` trailing pages: from idle rows first (largest first), then the surplus of live rows."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # nothing may still read a page we unmap
-        for slot in sorted(self.free_slots, key=lambda s: -self.mapped[s]):
+        idle = [(s, self.mapped[s]) for s in sorted(self.free_slots, key=lambda s: -self.mapped[s]) if s != keep]
+        surplus = [(s, self._surplus(s)) for s in self.slot_of.values() if s != keep]
+        for slot, spare in idle + surplus:
             if units <= 0:
                 break
-            if slot == keep or self.mapped[slot] == 0:
-                continue
-            n = min(units, self.mapped[slot])
-            first = slot * self.pages_per_slot + self.mapped[slot] - n
-            pids = [self.tensors[0].page_at(first + i) for i in range(n)]
-            with self.lock:
-                unmap_many(self.tensors, first, n)
-                self.mapped[slot] -= n
-            for pid in pids:
-                if self.pool.refcount(pid) == 0:
-                    self.cache.forget_page(pid)
-            units -= n
+            n = min(units, spare)
+            if n:
+                self._unmap_tail(slot, n)
+                units -= n
+
+    def _unmap_tail(self, slot: int, n: int) -> None:
+        first = slot * self.pages_per_slot + self.mapped[slot] - n
+        pids = [self.tensors[0].page_at(first + i) for i in range(n)]
+        with self.lock:
+            unmap_many(self.tensors, first, n)
+            self.mapped[slot] -= n
+        for pid in pids:
+            if self.pool.refcount(pid) == 0:
+                self.cache.forget_page(pid)
 
     def free(self, seq: Sequence) -> None:
         slot = self.slot_of.get(seq.seq_id)
