@@ -3,8 +3,7 @@
 Produces a standard Hugging Face Llama directory (config, safetensors, byte-level BPE tokenizer with a chat
 template, generation config) plus training_metrics.json. Everything is deterministic given --seed.
 
-    .venv/bin/python scripts/train_default_model.py              # defaults: ~4-5 min on 2 idle cores
-    .venv/bin/python scripts/train_default_model.py --steps 880  # longer schedule, ~11-12 min on 2 idle cores
+    .venv/bin/python scripts/train_default_model.py              # defaults (900 steps): ~8-9 min on 2 quiet cores
     .venv/bin/python scripts/train_default_model.py --steps 20 --out /tmp/x   # smoke run
 
 The module is importable: tests reuse load_corpus(), split_corpus(), document_text() and eval_windows().
@@ -217,7 +216,7 @@ def parse_args(argv=None):
     p.add_argument("--max-positions", type=int, default=1024, help="max_position_embeddings in config.json")
     p.add_argument("--context", type=int, default=256, help="training window length (tokens)")
     p.add_argument("--batch", type=int, default=8, help="windows per step")
-    p.add_argument("--steps", type=int, default=360)
+    p.add_argument("--steps", type=int, default=900)
     p.add_argument("--lr", type=float, default=4e-3)
     p.add_argument("--min-lr-ratio", type=float, default=0.1)
     p.add_argument("--warmup", type=int, default=20)
