@@ -362,9 +362,11 @@ class VAttentionKVCache(KVCacheManager):
         unit_pages = len(self.tensors)
         mapped_units = self.pool.num_used // unit_pages  # physical: a page shared by several rows counts once
         idle = self._idle_units()
-        t0 = self.tensors[0]
-        live_units = len({t0.page_at(s * self.pages_per_slot + p) for s in self.slot_of.values()
-                          for p in range(self.mapped[s])})
+        live_units = sum(self.mapped[s] for s in self.slot_of.values())
+        if self.pool.num_shared:  # count a page mapped in several live rows once
+            t0 = self.tensors[0]
+            live_units = len({t0.page_at(s * self.pages_per_slot + p) for s in self.slot_of.values()
+                              for p in range(self.mapped[s])})
         live_tokens = sum(self.live)
         st = self.pool.stats()
         return KVStats(
