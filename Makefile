@@ -26,7 +26,7 @@ serve: $(STAMP)
 	$(VENV)/bin/vattn serve $(ARGS)
 
 bench: $(STAMP)
-	$(PY) -m benchmarks.bench_allocator
+	$(PY) -m benchmarks.compare
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
