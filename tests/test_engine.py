@@ -7,7 +7,7 @@ import random
 import pytest
 
 from tests.conftest import FAMILIES
-from tests.hf_reference import hf_greedy, hf_prompt_logprobs
+from tests.hf_reference import assert_greedy, hf_greedy, hf_prompt_logprobs
 from vattn import LLM, SamplingParams
 from vattn.config import EngineConfig
 from vattn.engine import LLMEngine
@@ -57,7 +57,7 @@ def test_preemption_keeps_outputs_and_leaks_nothing(tiny_model):
         pool = llm.engine.kv.pool
         assert pool.num_free == pool.num_pages
     for p, out in zip(prompts, outs):
-        assert out.outputs[0].token_ids == hf_greedy(path, p, 40)[0]
+        assert_greedy(path, p, out.outputs[0].token_ids, 40)
 
 
 def test_chunked_prefill_matches(tiny_model):
@@ -66,7 +66,7 @@ def test_chunked_prefill_matches(tiny_model):
     with make_llm(path, max_num_batched_tokens=8) as llm:
         outs = llm.generate(prompt_token_ids=prompts, sampling_params=greedy(6), use_tqdm=False)
     for p, out in zip(prompts, outs):
-        assert out.outputs[0].token_ids == hf_greedy(path, p, 6)[0]
+        assert_greedy(path, p, out.outputs[0].token_ids, 6)
 
 
 def test_every_position_below_length_is_mapped_and_pages_come_back(tiny_model):

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from tests.hf_reference import hf_greedy, hf_prompt_logprobs
+from tests.hf_reference import assert_greedy, hf_prompt_logprobs
 from vattn import LLM, SamplingParams
 
 
@@ -36,7 +36,7 @@ def test_paged_greedy_matches_transformers(tiny_model, family):
         kv = llm.engine.kv
         assert kv.pool.num_free == kv.num_blocks and not kv.tables
     for p, out in zip(prompts, outs):
-        assert out.outputs[0].token_ids == hf_greedy(path, p, 8)[0]
+        assert_greedy(path, p, out.outputs[0].token_ids, 8)
 
 
 def test_paged_preemption_keeps_outputs_and_leaks_nothing(tiny_model):
@@ -49,7 +49,7 @@ def test_paged_preemption_keeps_outputs_and_leaks_nothing(tiny_model):
         assert llm.engine.kv.num_blocks == 24 and llm.engine.scheduler.num_preemptions > 0
         assert llm.engine.kv.pool.num_free == 24
     for p, out in zip(prompts, outs):
-        assert out.outputs[0].token_ids == hf_greedy(path, p, 16)[0]
+        assert_greedy(path, p, out.outputs[0].token_ids, 16)
 
 
 def test_paged_prefix_cache_hits_and_keeps_outputs(tiny_model):
@@ -72,7 +72,7 @@ def test_paged_prefix_cache_hits_and_keeps_outputs(tiny_model):
         kv = llm.engine.kv
         assert kv.pool.num_free == kv.num_blocks and kv.pool.num_cached > 0
     for p, out in zip(prompts, first + rest):
-        assert out.outputs[0].token_ids == hf_greedy(path, p, 6)[0]
+        assert_greedy(path, p, out.outputs[0].token_ids, 6)
     assert again[0].outputs[0].token_ids == first[0].outputs[0].token_ids
     ours = [d[t] for d, t in zip(lp.prompt_logprobs[1:], prompts[0][1:])]
     assert ours == pytest.approx(hf_prompt_logprobs(path, prompts[0]), abs=1e-4)
@@ -105,4 +105,4 @@ def test_paged_swap_preemption_keeps_outputs(tiny_model):
         assert llm.engine.scheduler.swapper.swapped_in_tokens > 0
         assert llm.engine.kv.pool.num_free == 24
     for p, out in zip(prompts, outs):
-        assert out.outputs[0].token_ids == hf_greedy(path, p, 16)[0]
+        assert_greedy(path, p, out.outputs[0].token_ids, 16)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.hf_reference import hf_greedy
+from tests.hf_reference import assert_greedy
 from tests.test_engine import PAGE, greedy, make_llm, prompts_for
 from vattn import SamplingParams
 from vattn.config import EngineConfig
@@ -65,8 +65,8 @@ def test_prefix_cache_maps_cached_pages_into_another_slot(tiny_model):
                 outs[o.request_id] = o
     finally:
         eng.close()
-    assert outs["a"].outputs[0].token_ids == hf_greedy(path, a, 30)[0]
-    assert outs["b"].outputs[0].token_ids == hf_greedy(path, b, 8)[0]
+    assert_greedy(path, a, outs["a"].outputs[0].token_ids, 30)
+    assert_greedy(path, b, outs["b"].outputs[0].token_ids, 8)
 
 
 def test_prefix_cache_survives_slot_reuse_and_is_exact(tiny_model):
@@ -78,8 +78,9 @@ def test_prefix_cache_survives_slot_reuse_and_is_exact(tiny_model):
         other = llm.generate(prompt_token_ids=[base[:40] + [3, 4, 5]], sampling_params=greedy(5), use_tqdm=False)[0]
         st = llm.kv_stats()
     assert st.prefix_cache_hits == 96 + 32
-    assert first.outputs[0].token_ids == again.outputs[0].token_ids == hf_greedy(path, base[:100], 5)[0]
-    assert other.outputs[0].token_ids == hf_greedy(path, base[:40] + [3, 4, 5], 5)[0]
+    assert first.outputs[0].token_ids == again.outputs[0].token_ids
+    assert_greedy(path, base[:100], first.outputs[0].token_ids, 5)
+    assert_greedy(path, base[:40] + [3, 4, 5], other.outputs[0].token_ids, 5)
 
 
 @pytest.mark.parametrize("kv_cache", ["vattention", "paged"])
@@ -92,7 +93,7 @@ def test_swap_preemption_keeps_outputs(tiny_model, kv_cache):
         assert llm.engine.scheduler.swapper.swapped_out_tokens > 0
         assert not llm.engine.scheduler.swapper.host
     for p, out in zip(prompts, outs):
-        assert out.outputs[0].token_ids == hf_greedy(path, p, 40)[0]
+        assert_greedy(path, p, out.outputs[0].token_ids, 40)
 
 
 @pytest.mark.parametrize("kv_cache,family,length_penalty", [("vattention", "llama", 1.0),
