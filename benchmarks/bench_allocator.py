@@ -20,28 +20,7 @@ import time
 import torch
 
 from allocator import AllocatorError, PagePool, VirtualTensor, open_backend
-
-UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-
-
-def parse_size(text: str) -> int:
-    text = text.strip().upper().removesuffix("B").removesuffix("I")
-    if text and text[-1] in UNITS:
-        return int(float(text[:-1]) * UNITS[text[-1]])
-    return int(text)
-
-
-def machine_label(backend: str) -> str:
-    if backend == "cuda":
-        return torch.cuda.get_device_name()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cpus)"
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from benchmarks.common import machine_label, parse_size
 
 
 def pct(xs: list[float], q: float) -> float:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from vattn.cli import parse_size  # noqa: F401  (one size parser for the CLI and the benchmarks)
+
 RESULTS = Path(__file__).parent / "results"
 
 # Random-weight Llama-like models, built once per preset with tests.tiny_models (no downloads).
@@ -146,18 +148,6 @@ def median_time(fn: Callable[[], object], repeats: int, sync: Callable[[], None]
         sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
-
-
-def parse_size(text: str) -> int:
-    """'4K' -> 4096, '2M' -> 2 MiB, '123' -> 123."""
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
-    try:
-        if t and t[-1] in units:
-            return int(float(t[:-1]) * units[t[-1]])
-        return int(t)
-    except ValueError:
-        raise ValueError(f"not a size: {text!r} (use e.g. 4096, 64K, 2M)") from None
 
 
 def size_label(n: int) -> str:

@@ -37,14 +37,18 @@ HELP = {  # for fields whose line in config.py carries no comment
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
+class SizeError(argparse.ArgumentTypeError, ValueError):
+    """A size that does not parse: argparse shows its message; library callers can catch ValueError."""
+
+
 def parse_size(text: str) -> int:
     """'4096' -> 4096, '64K' -> 65536, '2M', '1.5G', '1GiB', '512MB' (binary units)."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*", str(text).upper())
     if not m:
-        raise argparse.ArgumentTypeError(f"not a size in bytes: {text!r} (examples: 4096, 64K, 2M, 1G)")
+        raise SizeError(f"not a size in bytes: {text!r} (examples: 4096, 64K, 2M, 1G)")
     value = float(m.group(1)) * _UNITS[m.group(2)]
     if value != int(value):
-        raise argparse.ArgumentTypeError(f"not a whole number of bytes: {text!r}")
+        raise SizeError(f"not a whole number of bytes: {text!r}")
     return int(value)
 
 
