@@ -7,16 +7,8 @@ import random
 import pytest
 
 from tests.hf_reference import assert_greedy, hf_prompt_logprobs
+from tests.test_engine import greedy, prompts_for
 from vattn import LLM, SamplingParams
-
-
-def prompts_for(seed: int, count: int, vocab: int = 500) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(3, vocab) for _ in range(rng.randrange(3, 40))] for _ in range(count)]
-
-
-def greedy(n: int, **kw) -> SamplingParams:
-    return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, **kw)
 
 
 def paged_llm(path: str, **kw) -> LLM:
