@@ -152,3 +152,20 @@ def test_generation_stops_at_max_model_len(tiny_model):
 def test_unknown_model_dir_and_architecture(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
         LLM(model=str(tmp_path / "nope"))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_interleaved_layout_matches_transformers_under_preemption(tiny_model, family):
+    """One virtual tensor [slot, token, layer, k|v, head, dim]: a page holds every layer of a few tokens."""
+    path = tiny_model(family)
+    prompts = prompts_for(11, 5)
+    with make_llm(path, kv_layout="interleaved", max_num_seqs=5, kv_cache_memory=24 * PAGE,
+                  max_num_batched_tokens=48) as llm:
+        kv = llm.engine.kv
+        assert len(kv.tensors) == 1 and kv.tokens_per_page < 32  # all layers share a page: fewer tokens a page
+        outs = llm.generate(prompt_token_ids=prompts, sampling_params=greedy(30), use_tqdm=False)
+        assert llm.engine.scheduler.num_preemptions > 0
+        kv.reclaim_all()
+        assert kv.pool.num_free == kv.pool.num_pages
+    for p, out in zip(prompts, outs):
+        assert_greedy(path, p, out.outputs[0].token_ids, 30)

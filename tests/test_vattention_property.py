@@ -9,6 +9,7 @@ import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -44,12 +45,14 @@ ops = st.lists(st.tuples(st.sampled_from(["new", "append", "fork", "free"]), st.
                          st.integers(1, 9)), min_size=1, max_size=40)
 
 
+@pytest.mark.parametrize("layout", ["per_layer", "interleaved"])
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(ops)
-def test_random_sharing_keeps_contents_refcounts_and_pages(script):
-    kv = VAttentionKVCache(num_layers=1, num_kv_heads=1, head_dim=256, dtype=torch.float32,
-                           device=torch.device("cpu"), max_num_seqs=4, max_model_len=40,
-                           memory_bytes=2 * 14 * 4096, page_size=4096, background_mapping=False)
+@given(script=ops)
+def test_random_sharing_keeps_contents_refcounts_and_pages(layout, script):
+    # per_layer: 1 layer's K and V tensors of 1 KiB tokens; interleaved: one tensor, 2 x 512 B per token
+    kv = VAttentionKVCache(num_layers=1, num_kv_heads=1, head_dim=256 if layout == "per_layer" else 128,
+                           dtype=torch.float32, device=torch.device("cpu"), max_num_seqs=4, max_model_len=40,
+                           memory_bytes=2 * 14 * 4096, page_size=4096, background_mapping=False, layout=layout)
     live: list[Seq] = []
     history: list[list[int]] = []  # token lists of every sequence so far, freed ones too (prefix-cache fodder)
     next_id = 0
@@ -102,7 +105,7 @@ def write(kv: VAttentionKVCache, seq: Seq, n: int) -> None:
         page = slot * kv.pages_per_slot + p // TOKENS_PER_PAGE
         assert kv.pool.refcount(t[0].page_at(page)) == 1, "a shared page was about to be written"
         for i, vt in enumerate(t):
-            vt.tensor[slot, p] = stamp(seq.token_ids[: p + 1]) + i
+            vt.tensor[slot, p] = stamp(seq.token_ids[: p + 1]) + i  # every element of the token's K/V
     seq.num_computed_tokens = n
 
 
@@ -111,7 +114,8 @@ def check(kv: VAttentionKVCache, live: list[Seq]) -> None:
         slot = kv.slot(seq)
         assert not kv.unmapped_positions(seq, seq.num_computed_tokens)
         for i, vt in enumerate(kv.tensors):
-            got = vt.tensor[slot, : seq.num_computed_tokens, 0, 0].tolist()
+            n = seq.num_computed_tokens
+            got = vt.tensor[slot, :n].reshape(n, -1)[:, -1].tolist()
             assert got == [stamp(seq.token_ids[: p + 1]) + i for p in range(seq.num_computed_tokens)]
     # refcounts are exactly the number of places each physical page is mapped
     mapped = Counter(vt.page_at(v) for vt in kv.tensors for v in vt.mapped_pages())

@@ -21,7 +21,7 @@ from vattn.config import EngineConfig
 
 SIZE_FIELDS = ("kv_cache_memory", "page_size")  # bytes; accept 64K, 2M, 1G, 1.5G, 4096
 CHOICES = {"kv_cache": config_module.KV_CACHE_KINDS, "dtype": config_module.DTYPES,
-           "preemption_mode": config_module.PREEMPTION_MODES,
+           "preemption_mode": config_module.PREEMPTION_MODES, "kv_layout": config_module.KV_LAYOUTS,
            "attention_kernel": sorted({k for ks in config_module.ATTENTION_KERNELS.values() for k in ks})}
 HELP = {  # for fields whose line in config.py carries no comment
     "model": "model directory (Hugging Face layout: config.json, safetensors, tokenizer); default: the bundled model",

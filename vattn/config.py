@@ -10,6 +10,7 @@ DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
 
 KV_CACHE_KINDS = ("vattention", "paged")
 PREEMPTION_MODES = ("recompute", "swap")
+KV_LAYOUTS = ("per_layer", "interleaved")
 ATTENTION_KERNELS = {"vattention": ("auto", "sdpa", "torch_flash", "flash_attn", "triton"),
                      "paged": ("auto", "torch", "triton", "flash_attn")}
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -23,6 +24,7 @@ class EngineConfig:
     dtype: str = "auto"  # "auto": bfloat16 on GPU, float32 on CPU
     kv_cache_memory: int | None = None  # bytes of physical KV pool; None: 1 GiB on CPU, 85% of free GPU memory less 1 GiB
     page_size: int | None = None  # bytes per physical page; None: 64 KiB host, driver granularity on GPU
+    kv_layout: str = "per_layer"  # vattention: "per_layer" K/V tensors, or "interleaved" (a page holds all layers)
     block_size: int = 16  # tokens per block on the paged path
     max_num_seqs: int = 16
     max_model_len: int | None = None  # None: the model's max_position_embeddings, capped at 4096
@@ -40,6 +42,8 @@ class EngineConfig:
         if self.attention_kernel not in ATTENTION_KERNELS[self.kv_cache]:
             raise ValueError(f"attention_kernel for kv_cache={self.kv_cache!r} must be one of "
                              f"{ATTENTION_KERNELS[self.kv_cache]}, got {self.attention_kernel!r}")
+        if self.kv_layout not in KV_LAYOUTS:
+            raise ValueError(f"kv_layout must be one of {KV_LAYOUTS}, got {self.kv_layout!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.preemption_mode is not None and self.preemption_mode not in PREEMPTION_MODES:

@@ -68,7 +68,8 @@ class LLMEngine:
             max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len,
             memory_bytes=config.kv_cache_memory or self._default_kv_memory(), page_size=config.page_size,
             block_size=config.block_size, background_mapping=config.background_mapping,
-            enable_prefix_caching=config.enable_prefix_caching, attention_kernel=config.attention_kernel)
+            enable_prefix_caching=config.enable_prefix_caching, attention_kernel=config.attention_kernel,
+            kv_layout=config.kv_layout)
         swapper = None
         mode = config.preemption_mode or ("swap" if self.device.type == "cuda" else "recompute")
         if mode == "swap":

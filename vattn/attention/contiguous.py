@@ -138,10 +138,15 @@ class ContiguousAttention:
         return out
 
     def _flat_kv(self, kc, vc):
-        if not (kc.is_contiguous() and vc.is_contiguous()):
-            raise ValueError("torch_flash needs contiguous caches to view them as [S*L, Hk, D]")
+        """[S, L, Hk, D] -> [S*L, Hk, D] without a copy; the token stride may exceed Hk*D (interleaved layout)."""
         rows = self.max_num_seqs * self.max_model_len
-        return kc.view(rows, self.num_kv_heads, self.head_dim), vc.view(rows, self.num_kv_heads, self.head_dim)
+        flat = []
+        for c in (kc, vc):
+            tok, head = c.stride(1), c.stride(2)
+            if c.stride(0) != self.max_model_len * tok or c.stride(3) != 1:
+                raise ValueError("torch_flash needs uniformly strided caches to view them as [S*L, Hk, D]")
+            flat.append(c.as_strided((rows, self.num_kv_heads, self.head_dim), (tok, head, 1)))
+        return flat
 
     def _torch_flash(self, q, kc, vc, meta: AttentionMetadata) -> torch.Tensor:
         kf, vf = self._flat_kv(kc, vc)

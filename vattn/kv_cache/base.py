@@ -69,7 +69,7 @@ class KVCacheManager(ABC):
         return False
 
     def read_tokens(self, seq: Sequence, n: int) -> list[torch.Tensor]:
-        """Host copies of the K/V of `seq`'s first n tokens, one tensor [n, kv_heads, head_dim] per layer K and V."""
+        """Host copies of the K/V of `seq`'s first n tokens: one tensor [n, ...] per cache tensor."""
         raise NotImplementedError(f"{self.kind} cache cannot swap")
 
     def write_tokens(self, seq: Sequence, data: list[torch.Tensor]) -> None:

@@ -1,5 +1,9 @@
 """The vAttention KV cache: per layer one K and one V *virtual* tensor [max_num_seqs, slot_len, kv_heads, head_dim].
 
+(Or, with layout="interleaved", one virtual tensor [max_num_seqs, slot_len, layers, 2, kv_heads, head_dim] whose
+per-layer K and V are strided views: a page then holds every layer of a few tokens, so large pages (2 MiB on GPUs)
+still come in small token steps. Which layout attention kernels prefer is for the benchmarks to say.)
+
 Each running sequence owns a batch slot (a row). Physical pages are mapped into the row, in every layer at once,
 as the sequence grows. A finished sequence's row keeps its pages mapped for the next sequence in that slot
 (deferred reclamation); idle rows give pages back only when the pool runs short. A helper thread maps the pages
@@ -22,6 +26,8 @@ from vattn.attention.metadata import AttentionMetadata
 from vattn.kv_cache.base import KVCacheManager, KVStats
 from vattn.kv_cache.prefix_hash import extend_chain, hash_chain
 from vattn.sequence import Sequence
+
+LAYOUTS = ("per_layer", "interleaved")
 
 
 @dataclass
@@ -63,12 +69,18 @@ class VAttentionKVCache(KVCacheManager):
     def __init__(self, *, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device, max_num_seqs: int, max_model_len: int, memory_bytes: int,
                  page_size: int | None = None, background_mapping: bool = True, attention_kernel: str = "auto",
-                 enable_prefix_caching: bool = True):
+                 enable_prefix_caching: bool = True, layout: str = "per_layer"):
         self.backend = open_backend("cuda" if device.type == "cuda" else "host", page_size=page_size)
         self.page_size = page = self.backend.page_size
         self.device = device
         self.num_layers = num_layers
+        if layout not in LAYOUTS:
+            raise ValueError(f"kv layout must be one of {LAYOUTS}, got {layout!r}")
+        self.layout = layout
+        # bytes of one token in one virtual tensor: a layer's K (or V), or every layer's K and V when interleaved
         self.token_bytes = num_kv_heads * head_dim * torch.finfo(dtype).bits // 8
+        if layout == "interleaved":
+            self.token_bytes *= 2 * num_layers
         # Pad each row to a whole number of pages so that every slot starts on a page boundary.
         align = page // math.gcd(page, self.token_bytes)
         self.slot_len = -(-max_model_len // align) * align
@@ -76,12 +88,18 @@ class VAttentionKVCache(KVCacheManager):
         self.pages_per_slot = self.slot_len * self.token_bytes // page
         self.max_num_seqs = max_num_seqs
         self.pool = PagePool(self.backend, memory_bytes)
-        shape = (max_num_seqs, self.slot_len, num_kv_heads, head_dim)
-        self.k = [VirtualTensor(self.pool, shape, dtype) for _ in range(num_layers)]
-        self.v = [VirtualTensor(self.pool, shape, dtype) for _ in range(num_layers)]
-        self.tensors = self.k + self.v
-        self._attn = ContiguousAttention([t.tensor for t in self.k], [t.tensor for t in self.v],
-                                         scale=head_dim ** -0.5, kernel=attention_kernel)
+        rows = (max_num_seqs, self.slot_len)
+        if layout == "per_layer":  # one K and one V tensor per layer: a page holds one layer's K (or V) of tokens
+            self.tensors = [VirtualTensor(self.pool, (*rows, num_kv_heads, head_dim), dtype)
+                            for _ in range(2 * num_layers)]
+            k_views = [t.tensor for t in self.tensors[:num_layers]]
+            v_views = [t.tensor for t in self.tensors[num_layers:]]
+        else:  # one tensor [slot, token, layer, k|v, head, dim]: a page holds every layer of a few tokens
+            self.tensors = [VirtualTensor(self.pool, (*rows, num_layers, 2, num_kv_heads, head_dim), dtype)]
+            whole = self.tensors[0].tensor
+            k_views = [whole[:, :, layer, 0] for layer in range(num_layers)]  # strided views, no copy
+            v_views = [whole[:, :, layer, 1] for layer in range(num_layers)]
+        self._attn = ContiguousAttention(k_views, v_views, scale=head_dim ** -0.5, kernel=attention_kernel)
         self.slot_of: dict[int, int] = {}  # seq_id -> slot
         self.free_slots: list[int] = list(range(max_num_seqs))
         self.mapped = [0] * max_num_seqs  # leading pages mapped in each slot's row (same in every tensor)
