@@ -48,7 +48,7 @@ class Layouts:
     """One layer's K/V for `batch` sequences of `ctx` tokens, in both layouts, with identical values."""
 
     def __init__(self, batch: int, ctx: int, kv_heads: int, head_dim: int, block_size: int, dtype, device: str,
-                 seed: int = 0):
+                 seed: int = 0, interleave_layers: int = 0):
         from allocator import PagePool, VirtualTensor, open_backend
 
         self.device = torch.device(device)
@@ -78,6 +78,12 @@ class Layouts:
                 self.k_pool[b, :n] = k[i, j * block_size: j * block_size + n].to(self.device)
                 self.v_pool[b, :n] = v[i, j * block_size: j * block_size + n].to(self.device)
         self.batch, self.ctx, self.block_size = batch, ctx, block_size
+        # the interleaved vAttention layout [seq, token, layer, k|v, head, dim]: layer 0's K/V as strided views
+        self.interleaved = None
+        if interleave_layers:
+            big = torch.zeros(batch, ctx, interleave_layers, 2, kv_heads, head_dim, dtype=dtype, device=self.device)
+            big[:, :, 0, 0], big[:, :, 0, 1] = k.to(self.device), v.to(self.device)
+            self.interleaved = (big[:, :, 0, 0], big[:, :, 0, 1])
 
     def close(self) -> None:
         self.k_vt.close()
@@ -102,12 +108,16 @@ def variants(lay: Layouts, scale: float, dtype, head_dim: int) -> dict[str, obje
            for name, k in contiguous.items()}
     out.update({name: PagedAttention([lay.k_pool], [lay.v_pool], scale, lay.block_size, kernel=k)
                 for name, k in paged.items()})
+    if lay.interleaved is not None:
+        ki, vi = lay.interleaved
+        out.update({name.replace("contiguous", "interleaved"): ContiguousAttention([ki], [vi], scale, kernel=k)
+                    for name, k in contiguous.items()})
     return out
 
 
 def metadata(name: str, lay: Layouts, qlen: int) -> AttentionMetadata:
     q, c = [qlen] * lay.batch, [lay.ctx] * lay.batch
-    if name.startswith("contiguous"):
+    if not name.startswith("paged"):
         return AttentionMetadata.build_contiguous(q, c, list(range(lay.batch)), lay.device)
     return AttentionMetadata.build_paged(q, c, lay.tables, lay.block_size, lay.device)
 
@@ -161,6 +171,10 @@ def bench_phase(lay: Layouts, phase: str, heads: int, head_dim: int, dtype, repe
     for p, c in PAIRS:
         if p in by and c in by:
             by[p]["paged_over_contiguous"] = by[p]["median_us"] / by[c]["median_us"]
+    for name, r in by.items():
+        twin = name.replace("interleaved", "contiguous")
+        if name.startswith("interleaved") and twin in by:
+            r["interleaved_over_contiguous"] = r["median_us"] / by[twin]["median_us"]
     fastest_contig = min((r["median_us"] for r in rows if r["layout"] == "contiguous"), default=None)
     for r in rows:
         r["vs_fastest_contiguous"] = r["median_us"] / fastest_contig if fastest_contig else None
@@ -182,6 +196,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--interleave-layers", type=int, default=8,
+                    help="also time the interleaved vAttention layout [seq, token, layer, k|v, head, dim] with this "
+                         "many layers (0: skip); its per-layer views have a token stride of 2*layers*heads*dim")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<machine>/kernels.json)")
     args = ap.parse_args(argv)
     device = resolve_device(args.device)
@@ -210,7 +227,8 @@ def main(argv: list[str] | None = None) -> dict:
     for phase in phases:
         batch = args.batch if phase == "decode" else args.prefill_batch
         for ctx in contexts:
-            lay = Layouts(batch, ctx, args.kv_heads, args.head_dim, args.block_size, dtype, device)
+            lay = Layouts(batch, ctx, args.kv_heads, args.head_dim, args.block_size, dtype, device,
+                          interleave_layers=args.interleave_layers)
             extra = {}
             fa = None
             try:
@@ -225,13 +243,15 @@ def main(argv: list[str] | None = None) -> dict:
                     fa.close()
     head["load_avg_end"] = load_average()
     cols = [("phase", "s"), ("batch", "d"), ("ctx", "d"), ("variant", "s"), ("median_us", ".1f"), ("min_us", ".1f"),
-            ("paged_over_contiguous", ".3f"), ("vs_fastest_contiguous", ".3f")]
+            ("paged_over_contiguous", ".3f"), ("interleaved_over_contiguous", ".3f"), ("vs_fastest_contiguous", ".3f")]
     text = "\n".join([
         header_text(head),
         f"dtype {head['dtype']}, heads {args.heads}, kv heads {args.kv_heads}, head_dim {args.head_dim}, "
-        f"block size {args.block_size} (flash-attn paged: 256); one layer; {args.repeats} round-robin repeats",
+        f"block size {args.block_size} (flash-attn paged: 256); one layer; {args.repeats} round-robin repeats; "
+        f"interleaved layout with {args.interleave_layers} layers",
         format_table(cols, rows),
-        "paged_over_contiguous = paged time / contiguous time, same kernel family, same run (>1: contiguous faster)",
+        "paged_over_contiguous = paged time / contiguous time, same kernel family, same run (>1: contiguous faster); "
+        "interleaved_over_contiguous likewise for the interleaved layout's strided views",
     ])
     print(text)
     payload = {**head, "results": rows}

@@ -42,14 +42,16 @@ class TokenMismatchError(AssertionError):
     """Two KV paths produced different greedy tokens for the same request."""
 
 
-def build_engine(model: str, kind: str, device: str, args, page_size: int | None) -> LLMEngine:
+def build_engine(model: str, kind: str, device: str, args, page_size: int | None,
+                 layout: str = "per_layer") -> LLMEngine:
     from vattn.config import EngineConfig
 
     cfg = EngineConfig(model=model, kv_cache=kind, device=device, dtype=args.dtype, kv_cache_memory=args.kv_memory,
                        page_size=page_size, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
                        max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
                        enable_prefix_caching=False, preemption_mode=args.preemption_mode,
-                       attention_kernel=args.contiguous_kernel if kind == "vattention" else "auto")
+                       attention_kernel=args.contiguous_kernel if kind == "vattention" else "auto",
+                       kv_layout=layout)
     return LLMEngine(cfg)
 
 
@@ -126,8 +128,9 @@ def drive(engine: LLMEngine, wl: Workload, sync) -> dict:
     }
 
 
-def run_path(model: str, kind: str, page_size: int | None, device: str, wl: Workload, args) -> dict:
-    engine = build_engine(model, kind, device, args, page_size)
+def run_path(model: str, kind: str, page_size: int | None, device: str, wl: Workload, args,
+             layout: str = "per_layer") -> dict:
+    engine = build_engine(model, kind, device, args, page_size, layout)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     try:
         st = engine.kv_stats()
@@ -142,7 +145,11 @@ def run_path(model: str, kind: str, page_size: int | None, device: str, wl: Work
                 "unit_bytes": st.page_bytes, "tokens_per_unit": st.tokens_per_unit,
                 "pool_bytes": st.units_total * st.page_bytes,
                 "attention_kernel": engine.kv.attention_backend.kernel}
-        res["metrics"] = {"path": kind if kind == "paged" else f"vattention@{size_label(engine.kv.page_size)}",
+        if kind == "paged":
+            label = "paged"
+        else:
+            label = f"vattention@{size_label(engine.kv.page_size)}" + ("/interleaved" * (layout == "interleaved"))
+        res["metrics"] = {"path": label, "kv_layout": layout if kind != "paged" else None,
                           "kv_cache": kind, **unit, **res["metrics"]}
         if kind == "vattention":
             res["metrics"]["page_size"] = engine.kv.page_size
@@ -192,6 +199,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--page-sizes", default="64K", help="vAttention page sizes to run, comma-separated "
                     "(cuda: the driver granularity, 2M, unless a patched driver allows less)")
+    ap.add_argument("--kv-layouts", default="per_layer",
+                    help="vAttention layouts to run, comma-separated: per_layer (a K and a V tensor per layer) "
+                         "and/or interleaved (one tensor; a page holds every layer of a few tokens)")
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--kv-memory", default="32M", help="physical KV pool per path")
     ap.add_argument("--max-num-seqs", type=int, default=16)
@@ -226,11 +236,12 @@ def main(argv: list[str] | None = None) -> dict:
                                     "max_num_seqs": args.max_num_seqs, "max_model_len": args.max_model_len,
                                     "block_size": args.block_size, "page_sizes": page_sizes})
 
-    paths = [("paged", None)] + [("vattention", ps) for ps in page_sizes]
+    layouts = [x.strip() for x in args.kv_layouts.split(",") if x.strip()]
+    paths = [("paged", None, "per_layer")] + [("vattention", ps, lay) for ps in page_sizes for lay in layouts]
     reps: list[list[dict]] = [[] for _ in paths]
     for _ in range(args.repeats):  # round-robin, so drifting load on a shared machine hits every path alike
-        for i, (kind, ps) in enumerate(paths):
-            reps[i].append(run_path(model, kind, ps, device, wl, args))
+        for i, (kind, ps, lay) in enumerate(paths):
+            reps[i].append(run_path(model, kind, ps, device, wl, args, lay))
     near_ties = check_tokens([r for path_reps in reps for r in path_reps], wl)
     rows = []
     for path_reps in reps:  # the repeat with the median total time stands for the path

@@ -36,7 +36,7 @@ step model "$PY" -c "import torch; from benchmarks.common import model_dir; prin
 
 N_SHAREGPT=256; N_ALPACA=512; REPEATS=2
 if [ "$QUICK" = "--quick" ]; then N_SHAREGPT=32; N_ALPACA=64; REPEATS=1; fi
-COMMON=(--device cuda --preset llama3-8b-4l --page-sizes 2M --block-size 16 --kv-memory 16G --max-num-seqs 64
+COMMON=(--device cuda --preset llama3-8b-4l --page-sizes 2M --kv-layouts per_layer,interleaved --block-size 16 --kv-memory 16G --max-num-seqs 64
         --max-num-batched-tokens 4096 --repeats "$REPEATS")
 
 # 3. end to end, both KV paths on the same requests. Default kernels first (contiguous: flash-attn or torch's
@@ -59,7 +59,7 @@ step sharing "$PY" -m benchmarks.bench_sharing --device cuda --preset llama3-8b-
 
 # 5. kernels: Llama-3-8B attention shapes, decode and prefill
 step kernels "$PY" -m benchmarks.bench_kernels --device cuda --batch 32 --prefill-batch 4 --contexts 1024,4096 \
-  --heads 32 --kv-heads 8 --head-dim 128 --repeats 50 --warmup 5 --out "$OUT/kernels.json"
+  --heads 32 --kv-heads 8 --head-dim 128 --interleave-layers 32 --repeats 50 --warmup 5 --out "$OUT/kernels.json"
 
 # 6. allocator map/unmap latency on the CUDA driver (someone else's benchmark; run here for the record)
 step allocator "$PY" -m benchmarks.bench_allocator --backend cuda --sizes 2M --pages 256 --out "$OUT/allocator.json"

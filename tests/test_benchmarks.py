@@ -47,7 +47,8 @@ def test_workload_rejects_bad_input(kw, field):
 def test_compare_runs_both_paths_and_checks_tokens(tiny_bench_model, tmp_path):
     out = tmp_path / "cmp.json"
     payload = compare.main(["--model", tiny_bench_model, "--num-requests", "4", "--scale", "0.03",
-                            "--page-sizes", "4K", "--kv-memory", "4M", "--out", str(out)])
+                            "--page-sizes", "4K", "--kv-layouts", "per_layer,interleaved", "--kv-memory", "4M",
+                            "--out", str(out)])
     saved = json.loads(out.read_text())
     assert saved["results"] == json.loads(json.dumps(payload["results"]))
     assert (tmp_path / "cmp.txt").read_text().startswith("machine: ")
@@ -55,7 +56,8 @@ def test_compare_runs_both_paths_and_checks_tokens(tiny_bench_model, tmp_path):
     for key in ("machine", "command", "load_avg_start", "load_avg_end", "workload", "block_size", "page_sizes"):
         assert key in saved
     rows = {r["path"]: r for r in saved["results"]}
-    assert set(rows) == {"paged", "vattention@4K"}
+    assert set(rows) == {"paged", "vattention@4K", "vattention@4K/interleaved"}
+    assert rows["vattention@4K/interleaved"]["tokens_per_unit"] < rows["vattention@4K"]["tokens_per_unit"]
     total_out = saved["workload"]["total_output_tokens"]
     for r in rows.values():
         assert r["output_tokens"] == total_out
@@ -109,11 +111,14 @@ def test_kernel_bench_cpu(tmp_path):
                         "--head-dim", "16", "--repeats", "2", "--warmup", "0", "--out", str(out)])
     saved = json.loads(out.read_text())
     variants = {(r["phase"], r["variant"]) for r in saved["results"]}
-    assert variants == {(p, v) for p in ("decode", "prefill") for v in ("contiguous_sdpa", "paged_torch")}
+    assert variants == {(p, v) for p in ("decode", "prefill")
+                        for v in ("contiguous_sdpa", "paged_torch", "interleaved_sdpa")}
     for r in saved["results"]:
         assert r["median_us"] >= r["min_us"] > 0
         if r["variant"] == "paged_torch":
             assert r["paged_over_contiguous"] > 0
+        if r["variant"] == "interleaved_sdpa":
+            assert r["interleaved_over_contiguous"] > 0
 
 
 def test_benchmarks_reject_bad_arguments(tmp_path):
