@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--preset", default="small")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--kv-memory", default="64M")
+    ap.add_argument("--kv-layouts", default="per_layer,interleaved", help="vAttention layouts, comma-separated")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<machine>/sharing.json)")
     args = ap.parse_args(argv)
@@ -118,19 +119,22 @@ def main(argv: list[str] | None = None) -> dict:
 
     wl = make_workload("alpaca", args.num_requests, args.scale, args.seed, int(read_config(model)["vocab_size"]))
     max_seqs = args.num_requests * max(widths)
-    paths = [("paged", None)] + [("vattention", parse_size(p)) for p in args.page_sizes.split(",") if p.strip()]
+    layouts = [x.strip() for x in args.kv_layouts.split(",") if x.strip()]
+    paths = [("paged", None, "per_layer")] + [("vattention", parse_size(p), lay)
+                                              for p in args.page_sizes.split(",") if p.strip() for lay in layouts]
     command = command_line("benchmarks.bench_sharing", argv)
     head = header(device, command, {"model": model_label, "workload": wl.summary(), "kv_memory_bytes": kv_memory,
                                     "block_size": args.block_size})
     rows = []
     t0 = time.perf_counter()
-    for kind, page in paths:
+    for kind, page, layout in paths:
         engine = LLMEngine(EngineConfig(
             model=model, kv_cache=kind, device=device, kv_cache_memory=kv_memory, page_size=page,
             block_size=args.block_size, max_num_seqs=max_seqs, max_model_len=wl.max_total_len + 1,
-            enable_prefix_caching=False))
+            enable_prefix_caching=False, kv_layout=layout))
         try:
-            label = "paged" if kind == "paged" else f"vattention@{size_label(engine.kv.page_size)}"
+            label = "paged" if kind == "paged" else (f"vattention@{size_label(engine.kv.page_size)}"
+                                                     + "/interleaved" * (layout == "interleaved"))
             for mode in modes:
                 for w in widths:
                     sh = run_once(engine, wl, mode, w, True, "s")
