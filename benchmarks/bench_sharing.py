@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"output mean {s['output_mean']:.1f}); block size {args.block_size}; prefix caching off",
         format_table(cols, rows),
         "units = physical KV units held by live sequences (paged: one block in every layer's K and V; vAttention: "
-        "one page index in every layer's K and V); a shared unit counts once",
+        "one page index in every layer's K and V, or one page when interleaved); a shared unit counts once",
         "saved = 1 - shared / unshared (n samples of one request vs n independent requests; beam width k vs k "
         "independent greedy requests). vLLM paper on Alpaca: 6.1-9.8% parallel, 37.6-55.2% beam.",
     ])
