@@ -96,7 +96,8 @@ def test_sharing_saves_memory_for_beams(tiny_bench_model, tmp_path):
     saved = json.loads(out.read_text())
     rows = saved["results"]
     assert {(r["path"], r["mode"], r["width"]) for r in rows} == {
-        (p, m, w) for p in ("paged", "vattention@4K") for m in ("parallel", "beam") for w in (2, 3)}
+        (p, m, w) for p in ("paged", "vattention@4K", "vattention@4K/interleaved")
+        for m in ("parallel", "beam") for w in (2, 3)}
     for r in rows:
         assert 0 < r["shared_peak_units"] <= r["unshared_peak_units"]
         assert r["saved_peak_pct"] == pytest.approx(100 * (1 - r["shared_peak_units"] / r["unshared_peak_units"]))
