@@ -31,6 +31,10 @@ def rss(touch_pages: int) -> dict:
     page = 64 * KIB
     backend = open_backend("host", page_size=page)
     pool = PagePool(backend, 4 * touch_pages * page)
+    with VirtualTensor(pool, shape=(page,), dtype=torch.uint8) as warm:  # first-use costs of torch/ctypes paths
+        warm.map(0)
+        warm.tensor.fill_(1)
+        warm.unmap(0)
     before = status_kib()
     vt = VirtualTensor(pool, shape=(64, 1024, 1024, 1024), dtype=torch.uint8)  # 64 GiB
     reserved = status_kib()
