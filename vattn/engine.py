@@ -254,8 +254,9 @@ class LLMEngine:
             self.scheduler.add(child)
 
     def _fail_unschedulable(self) -> list[RequestOutput]:
-        """Nothing could run although work waits: the head sequence can never fit. Fail its request."""
-        if self.scheduler.running or not self.scheduler.waiting:
+        """Nothing could run although work waits, and nothing running will change that (it is empty, or only
+        beams waiting for a sibling): the head sequence cannot fit. Fail its request rather than spin."""
+        if not self.scheduler.waiting or any(s.num_uncomputed_tokens for s in self.scheduler.running):
             return []
         seq = self.scheduler.waiting[0]
         log.error("request %s cannot fit in the KV cache (%d tokens); aborting it", seq.request_id, len(seq))
