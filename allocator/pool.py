@@ -2,6 +2,7 @@
 
 import heapq
 import threading
+from dataclasses import asdict
 
 from .backend import Backend
 from .errors import AllocatorError, MappingError, PoolExhaustedError
@@ -73,9 +74,7 @@ class PagePool:
                 reserved_bytes=sum(t.reserved_bytes for t in self._tensors.values()),
                 mapped_bytes=sum(t.num_mapped for t in self._tensors.values()) * self.page_size,
                 pages_total=self.num_pages, pages_free=self.num_free, pages_used=self.num_used,
-                pages_shared=self._num_shared, map_calls=c.map_calls, unmap_calls=c.unmap_calls,
-                map_seconds=c.map_seconds, unmap_seconds=c.unmap_seconds, pages_mapped=c.pages_mapped,
-                pages_unmapped=c.pages_unmapped, cow_copies=c.cow_copies,
+                pages_shared=self._num_shared, **asdict(c),
             )
 
     # -- used by VirtualTensor (callers hold self.lock) -----------------------------------

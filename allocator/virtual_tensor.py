@@ -2,6 +2,7 @@
 
 import math
 import time
+from dataclasses import asdict
 
 import torch
 
@@ -99,9 +100,7 @@ class VirtualTensor:
         return AllocatorStats(
             reserved_bytes=0 if self.closed else self.reserved_bytes, mapped_bytes=self.num_mapped * self.page_size,
             pages_total=pool.num_pages, pages_free=pool.num_free, pages_used=pool.num_used,
-            pages_shared=pool.num_shared, map_calls=c.map_calls, unmap_calls=c.unmap_calls,
-            map_seconds=c.map_seconds, unmap_seconds=c.unmap_seconds, pages_mapped=c.pages_mapped,
-            pages_unmapped=c.pages_unmapped, cow_copies=c.cow_copies,
+            pages_shared=pool.num_shared, **asdict(c),
         )
 
     # -- mapping ------------------------------------------------------------------------

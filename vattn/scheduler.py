@@ -23,10 +23,6 @@ class ScheduledBatch:
     def __bool__(self) -> bool:
         return bool(self.seqs)
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(self.query_lens)
-
 
 class Scheduler:
     def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int, swapper=None):
@@ -45,9 +41,6 @@ class Scheduler:
         """A sequence that already holds its cache (a fork): it runs from the next step on."""
         seq.status = SequenceStatus.RUNNING
         self.running.append(seq)
-
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
 
     def remove(self, seq: Sequence) -> None:
         """Forget a finished or aborted sequence and release its memory."""

@@ -189,8 +189,8 @@ class VAttentionKVCache(KVCacheManager):
     def _shared_pages_to_write(self, slot: int, start: int, stop: int) -> list[int]:
         """Pages of the slot that tokens [start, stop) will be written to and that are mapped elsewhere too.
         Pages written while cached only here leave the prefix cache (their content is about to change)."""
-        if stop <= start:
-            return []
+        if stop <= start or not (self.pool.num_shared or self.cache.pages):
+            return []  # nothing shared and nothing cached: the decode step's common case costs no lookups
         base = slot * self.pages_per_slot
         first, last = start * self.token_bytes // self.page_size, (stop * self.token_bytes - 1) // self.page_size
         shared = []
