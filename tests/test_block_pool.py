@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from vattn.kv_cache.block_pool import BlockPool, BlockPoolExhaustedError
 from vattn.kv_cache.paged import PagedKVCache
+from vattn.kv_cache.prefix_cache import PrefixCache
 from vattn.kv_cache.prefix_hash import ROOT, extend_chain, hash_chain, hash_unit
 from vattn.sampling_params import SamplingParams
 from vattn.sequence import Sequence
@@ -66,29 +67,31 @@ def test_pool_refcounts_and_free_list():
 
 
 def test_pool_cached_blocks_are_evicted_lru():
-    pool = BlockPool(3)
+    cache = PrefixCache(unit_tokens=1)
+    pool = BlockPool(3, cache)
     blocks = [pool.allocate() for _ in range(3)]
     for i, blk in enumerate(blocks):
-        assert pool.register(blk, bytes([i]))
-    assert not pool.register(blocks[0], bytes([1]))  # that prefix is already held by another block
+        assert cache.register(blk, bytes([i]))
+    assert not cache.register(blocks[0], bytes([1]))  # that prefix is already held by another block
     for blk in (blocks[1], blocks[0], blocks[2]):  # released in this order
         pool.decref(blk)
     assert pool.num_free == 3 and pool.num_evictable == 3
-    pool.incref(pool.lookup(bytes([2])))  # taken back: no longer evictable
+    pool.incref(cache.lookup(bytes([2])))  # taken back: no longer evictable
     assert pool.num_evictable == 2
     assert pool.allocate() == blocks[1]  # least recently released goes first
-    assert pool.lookup(bytes([1])) is None and pool.lookup(bytes([0])) == blocks[0]
+    assert cache.lookup(bytes([1])) is None and cache.lookup(bytes([0])) == blocks[0]
     assert pool.num_evictions == 1
-    assert pool.clear_cache() == 1 and pool.lookup(bytes([0])) is None and pool.num_free == 1
+    assert pool.clear_cache() == 1 and cache.lookup(bytes([0])) is None and pool.num_free == 1
 
 
 def test_pool_prefers_uncached_free_blocks():
-    pool = BlockPool(2)
+    cache = PrefixCache(unit_tokens=1)
+    pool = BlockPool(2, cache)
     a = pool.allocate()
-    pool.register(a, b"x")
+    cache.register(a, b"x")
     pool.decref(a)
     b = pool.allocate()
-    assert b != a and pool.lookup(b"x") == a
+    assert b != a and cache.lookup(b"x") == a
 
 
 # -- PagedKVCache against a plain-Python model ------------------------------------------------------
@@ -207,24 +210,24 @@ def test_sharing_and_prefix_cache_match_model(ops):
                 if h not in model.index:
                     break
                 hits.append(model.index[h])
-            got = cache.num_cached_prefix_tokens(seq)
-            assert got == len(hits) * BS
-            for b in hits:
-                model.incref(b)
-            model.seqs[seq.seq_id].update(blocks=list(hits), registered=len(hits))
-            seq.num_computed_tokens = got
+            match = cache.match_prefix(seq)
+            assert match.num_tokens == len(hits) * BS
             need = -(-len(seq) // BS) - len(hits)
-            ok = cache.can_admit(seq, len(seq)) and cache.allocate(seq, len(seq))
-            assert ok == (need <= model.num_free)
+            taken = sum(1 for b in hits if model.refs[b] == 0)  # cached blocks taken back leave the free count
+            ok = cache.allocate(seq, len(seq), match)
+            assert ok == (need + taken <= model.num_free)
             if ok:
-                model.seqs[seq.seq_id]["blocks"] += [model.new_block() for _ in range(need)]
-                write_step(cache, seq, len(seq) - got)
+                for b in hits:
+                    model.incref(b)
+                model.seqs[seq.seq_id].update(blocks=list(hits) + [model.new_block() for _ in range(need)],
+                                              registered=len(hits))
+                seq.num_computed_tokens = match.num_tokens
+                write_step(cache, seq, len(seq) - match.num_tokens)
                 seq.num_computed_tokens = len(seq)
                 seqs.append(seq)
             else:
-                cache.free(seq)
-                for b in reversed(model.seqs.pop(seq.seq_id)["blocks"]):
-                    model.decref(b)
+                assert seq.seq_id not in cache.tables  # a failed commit changes nothing
+                model.seqs.pop(seq.seq_id)
         elif op == "step" and seqs:
             seq = seqs[r % len(seqs)]
             if seq.num_computed_tokens == len(seq) and len(seq) < 64:
@@ -252,8 +255,8 @@ def test_sharing_and_prefix_cache_match_model(ops):
             parent = seqs[r % len(seqs)]
             child = make_seq(parent.prompt_token_ids)
             child.output_token_ids = list(parent.output_token_ids)
-            cache.fork(parent, child)
-            assert child.num_computed_tokens == parent.num_computed_tokens
+            assert cache.fork(parent, child)
+            child.num_computed_tokens = parent.num_computed_tokens  # the scheduler's part of a fork
             pm = model.seqs[parent.seq_id]
             shared = pm["blocks"][: -(-parent.num_computed_tokens // BS)]
             for b in shared:

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from vattn.attention.metadata import AttentionMetadata
 from vattn.attention.paged import PagedAttention, choose_kernel
 from vattn.kv_cache.paged import PagedKVCache
+from vattn.kv_cache.prefix_hash import hash_chain
 from vattn.sampling_params import SamplingParams
 from vattn.sequence import Sequence
 
@@ -91,7 +92,7 @@ def test_allocate_is_all_or_nothing_and_free_returns_blocks():
     cache = make_cache(block_size=4, num_blocks=5)
     a, b = make_seq(range(12)), make_seq(range(12))
     assert cache.allocate(a, 12) and cache.pool.num_free == 2
-    assert not cache.can_admit(b, 12) and not cache.allocate(b, 12)
+    assert not cache.allocate(b, 12)
     assert cache.pool.num_free == 2 and b.seq_id not in cache.tables
     st = cache.stats()
     assert (st.kind, st.units_total, st.units_mapped, st.units_free, st.live_tokens) == ("paged", 5, 3, 2, 12)
@@ -114,7 +115,8 @@ def test_fork_shares_blocks_and_copies_partial_block_on_write():
         cache.attention_backend.write_kv(layer, kv, kv, meta)
     parent.num_computed_tokens = 6
     child = make_seq(range(6))
-    cache.fork(parent, child)
+    assert cache.fork(parent, child)
+    child.num_computed_tokens = parent.num_computed_tokens  # the scheduler's part of a fork
     assert child.num_computed_tokens == 6 and cache.block_table(child) == cache.block_table(parent)
     assert cache.stats().units_shared == 2 and cache.stats().units_mapped == 2
     before = [p.clone() for p in cache.k_pools]
@@ -139,7 +141,7 @@ def test_fork_shares_blocks_and_copies_partial_block_on_write():
     assert cache.pool.num_free == cache.num_blocks
 
 
-def test_fork_after_allocate_copies_in_build_metadata():
+def test_fork_after_allocate_gives_the_child_its_own_partial_block():
     cache = make_cache(block_size=4)
     parent = make_seq(range(6))
     assert cache.allocate(parent, 6)
@@ -148,28 +150,36 @@ def test_fork_after_allocate_copies_in_build_metadata():
     assert cache.allocate(parent, 7)  # scheduled first ...
     child = make_seq(range(6))
     child.output_token_ids.append(3)
-    cache.fork(parent, child)  # ... then forked: the parent's write must still not land in a shared block
-    cache.build_metadata([parent], [1], CPU)
+    assert cache.fork(parent, child)  # ... then forked: the parent's write must still not land in a shared block
+    cache.build_metadata([parent], [1], CPU)  # pure: it would raise if the parent's write hit a shared block
     assert cache.num_cow_copies == 1 and cache.pool.refcount[cache.block_table(parent)[1]] == 1
+
+
+def attach_prefix(cache, seq) -> int:
+    """The scheduler's admission, cut short: look up the cached prefix, then commit just those tokens."""
+    match = cache.match_prefix(seq)
+    assert cache.allocate(seq, match.num_tokens, match)
+    seq.num_computed_tokens = match.num_tokens
+    return match.num_tokens
 
 
 def test_prefix_cache_attaches_full_blocks_and_leaves_a_token():
     cache = make_cache(block_size=4, prefix=True)
     a = make_seq(range(10))
-    assert cache.num_cached_prefix_tokens(a) == 0
-    assert cache.allocate(a, 10)
+    assert cache.match_prefix(a).num_tokens == 0
+    assert cache.allocate(a, 10, cache.match_prefix(a))
     a.num_computed_tokens = 10
     cache.free(a)  # its two full blocks stay cached
     assert cache.pool.num_evictable == 2 and cache.pool.num_free == cache.num_blocks
     b = make_seq(list(range(8)) + [50, 51, 52])
-    assert cache.num_cached_prefix_tokens(b) == 8
-    assert cache.pool.num_evictable == 0 and cache.block_table(b) == list(cache.pool.block_of.values())[:2]
+    assert attach_prefix(cache, b) == 8
+    assert cache.pool.num_evictable == 0 and cache.block_table(b) == [cache.prefix.lookup(h) for h in hash_chain(list(range(8)), 4)]
     c = make_seq(range(8))  # the whole prompt is cached: one block is left to compute
-    assert cache.num_cached_prefix_tokens(c) == 4
+    assert attach_prefix(cache, c) == 4
     d = make_seq([1] + list(range(1, 10)))  # differs in the first block: nothing
-    assert cache.num_cached_prefix_tokens(d) == 0
+    assert attach_prefix(cache, d) == 0
     e = make_seq(range(10), prompt_logprobs=1)  # wants prompt logprobs: skips the cache
-    assert cache.num_cached_prefix_tokens(e) == 0
+    assert attach_prefix(cache, e) == 0
     st = cache.stats()
     assert st.prefix_cache_queries == 10 + 11 + 8 + 10 and st.prefix_cache_hits == 12
     assert st.units_shared == 1  # b and c share block 0
@@ -186,7 +196,7 @@ def test_prefix_cache_evicts_the_tail_of_a_prefix_first():
     cache.free(a)  # blocks 0..2 cached, the partial one free
     b = make_seq([100 + i for i in range(8)])
     assert cache.allocate(b, 8)  # takes the free block, then evicts the last cached block of a's prefix
-    assert cache.num_cached_prefix_tokens(make_seq(range(13))) == 8
+    assert attach_prefix(cache, make_seq(range(13))) == 8
 
 
 def test_prefix_cache_off_by_default_and_errors():
@@ -195,7 +205,7 @@ def test_prefix_cache_off_by_default_and_errors():
     assert cache.allocate(a, 10)
     a.num_computed_tokens = 10
     cache.free(a)
-    assert cache.num_cached_prefix_tokens(make_seq(range(10))) == 0 and cache.pool.num_cached == 0
+    assert attach_prefix(cache, make_seq(range(10))) == 0 and cache.prefix is None
     with pytest.raises(ValueError, match="memory_bytes"):
         PagedKVCache(num_layers=1, num_kv_heads=1, head_dim=8, dtype=torch.float32, device=CPU, max_num_seqs=1,
                      max_model_len=8, memory_bytes=10, block_size=4)

@@ -63,13 +63,13 @@ def test_random_sharing_keeps_contents_refcounts_and_pages(layout, script):
                 seq = Seq(next_id, base + [(r >> k) % 5 for k in range(q)])
                 history.append(seq.token_ids)
                 next_id += 1
-                seq.num_computed_tokens = kv.num_cached_prefix_tokens(seq)
-                if kv.allocate(seq, len(seq)):
+                match = kv.match_prefix(seq)
+                if kv.allocate(seq, len(seq), match):
+                    seq.num_computed_tokens = match.num_tokens
                     live.append(seq)
                     write(kv, seq, len(seq))
                 else:
-                    seq.num_computed_tokens = 0
-                    kv.free(seq)
+                    assert seq.seq_id not in kv.slots.slot_of  # a failed commit changes nothing
             elif op == "append" and live:
                 seq = live[r % len(live)]
                 seq.token_ids += [(r >> k) % 5 for k in range(q)]
@@ -83,8 +83,8 @@ def test_random_sharing_keeps_contents_refcounts_and_pages(layout, script):
                 parent = live[r % len(live)]
                 child = Seq(next_id, list(parent.token_ids[: parent.num_computed_tokens]))
                 next_id += 1
-                child.num_computed_tokens = parent.num_computed_tokens
                 if kv.fork(parent, child):
+                    child.num_computed_tokens = parent.num_computed_tokens  # the scheduler's part of a fork
                     live.append(child)
                     history.append(child.token_ids)
             elif op == "free" and live:

@@ -18,8 +18,8 @@ from vattn.model_runner import ModelRunner
 from vattn.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from vattn.sampler import Sampler, SamplingRow, token_logprobs
 from vattn.sampling_params import SamplingParams
-from vattn.scheduler import Scheduler
-from vattn.sequence import Request, Sequence, SequenceStatus
+from vattn.scheduler import SampledToken, Scheduler
+from vattn.sequence import Request, Sequence
 from vattn.stop import StopChecker
 
 log = logging.getLogger("vattn.engine")
@@ -76,8 +76,9 @@ class LLMEngine:
             from vattn.swap import Swapper
             swapper = Swapper(self.kv)
         self.preemption_mode = mode
-        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, swapper)
-        self.runner = ModelRunner(self.model, self.device)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, swapper,
+                                   eos_token_ids=frozenset(self.eos_token_ids), max_model_len=self.max_model_len)
+        self.runner = ModelRunner(self.model, self.device, self.kv)
         self.sampler = Sampler()
         self.requests: dict[str, Request] = {}
         self.prompt_tokens_total = 0
@@ -139,7 +140,7 @@ class LLMEngine:
             return None
         for seq in req.seqs:
             if not seq.is_finished:
-                self._finish(seq, "abort")
+                self.scheduler.finish(seq, "abort")
         if req.beam is not None:  # an aborted beam search answers with no hypotheses
             req.beam.done, req.beam.finished = True, []
         self._prompt_logprobs.pop(request_id, None)
@@ -152,59 +153,64 @@ class LLMEngine:
     # -- the step -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
-        for seq in batch.preempted:
-            self.requests[seq.request_id].metrics.num_preemptions += 1
         if not batch:
             return self._fail_unschedulable()
-        now = time.time()
-        want_prompt = set()
+        logits = self.runner.run(batch.seqs, batch.query_lens, self._note_scheduled(batch))
+        tokens = self._sample(logits)
+        self.scheduler.update(batch, tokens)
+        moved = [t.seq.request_id for t in tokens] + self._advance_beams(logits)
+        return self._outputs(dict.fromkeys(moved))
+
+    def _note_scheduled(self, batch) -> set[int]:
+        """Per-request metrics of a scheduled batch; returns the sequences whose prompt logits are wanted."""
+        now, want_prompt = time.time(), set()
+        for seq in batch.preempted:
+            self.requests[seq.request_id].metrics.num_preemptions += 1
         for seq in batch.seqs:
             req = self.requests[seq.request_id]
             req.metrics.first_scheduled_time = req.metrics.first_scheduled_time or now
             if (seq.index == 0 and req.params.prompt_logprobs is not None and req.prompt_logprobs is None
                     and seq.num_computed_tokens < len(req.prompt_token_ids)):
                 want_prompt.add(seq.seq_id)
-        out = self.runner.run(batch.seqs, batch.query_lens, self.kv, want_prompt)
-        for seq, q in zip(batch.seqs, batch.query_lens):
-            if seq.seq_id in out.prompt_logits:
-                self._collect_prompt_logprobs(seq, out.prompt_logits[seq.seq_id])
-            seq.num_computed_tokens += q
-        touched = self._sample(out) if out.sample_seqs else {}
-        outputs = []
-        for req in touched.values():
-            if req.finished:
-                req.metrics.finished_time = time.time()
-                del self.requests[req.request_id]
-            outputs.append(self._output(req))
-        return outputs
+        return want_prompt
 
-    def _sample(self, out) -> dict[str, Request]:
-        """Next tokens for the sequences whose step reached their end; returns the requests that moved."""
-        touched: dict[str, Request] = {}
-        seqs, logit_rows = [], []
+    def _sample(self, out) -> list[SampledToken]:
+        """Next tokens for the sequences whose step reached their end (beams only stash their logprobs)."""
+        for seq in out.prompt_seqs:
+            self._collect_prompt_logprobs(seq, out.prompt_logits[seq.seq_id])
+        seqs, parents, logit_rows = [], [], []
         for j, seq in enumerate(out.sample_seqs):
             req = self.requests[seq.request_id]
             if req.beam is not None:  # beams choose together once all of them have their logprobs
                 req.beam_logprobs[seq.seq_id] = torch.log_softmax(out.sample_logits[j], -1)
-                if len(req.beam_logprobs) == len(req.live_seqs):
-                    self._beam_step(req)
-                    touched[req.request_id] = req
                 continue
-            family = [seq] + self._fork_pending(req, seq)  # n > 1: the other samples sample from this row too
-            seqs += family
-            logit_rows += [j] * len(family)
+            forks, req.pending_forks = req.pending_forks, []  # n > 1: the other samples share this row and cache
+            seqs += [seq] + forks
+            parents += [None] + [seq] * len(forks)
+            logit_rows += [j] * (1 + len(forks))
         if not seqs:
-            return touched
+            return []
         rows = [SamplingRow(s.params, s.prompt_token_ids, s.output_token_ids, s.generator,
                             tuple(self.eos_token_ids)) for s in seqs]
         results = self.sampler(out.sample_logits[logit_rows], rows)
         now = time.time()
-        for seq, res in zip(seqs, results):
-            req = self.requests[seq.request_id]
-            req.metrics.first_token_time = req.metrics.first_token_time or now
-            self._append_token(seq, res)
-            touched[req.request_id] = req
-        return touched
+        for seq in seqs:
+            metrics = self.requests[seq.request_id].metrics
+            metrics.first_token_time = metrics.first_token_time or now
+        self.generation_tokens_total += len(seqs)
+        return [SampledToken(s, r.token_id, r.logprob, r.top_logprobs, parent)
+                for s, r, parent in zip(seqs, results, parents)]
+
+    def _advance_beams(self, out) -> list[str]:
+        """Beam searches whose live beams all have their next-token logprobs take their step; returns their ids."""
+        moved = []
+        for seq in out.sample_seqs:
+            req = self.requests.get(seq.request_id)
+            if req is not None and req.beam is not None and req.request_id not in moved \
+                    and len(req.beam_logprobs) == len(req.live_seqs):
+                self._beam_step(req)
+                moved.append(req.request_id)
+        return moved
 
     def _beam_step(self, req: Request) -> None:
         """All live beams have their next-token logprobs: choose the next beams, forking and dropping."""
@@ -221,44 +227,27 @@ class LLMEngine:
             for c in conts[1:]:  # extra continuations fork the beam: they share its pages
                 child = self._new_seq(req, beam.prompt_token_ids, len(req.seqs))
                 child.output_token_ids = list(beam.output_token_ids)
-                self._fork_or_queue(beam, child)
+                self.scheduler.fork(beam, child)
                 req.seqs.append(child)
                 self._extend_beam(child, c)
             if conts:
                 self._extend_beam(beam, conts[0])
             else:
-                self._finish(beam, "dropped")
+                self.scheduler.finish(beam, "dropped")
         if req.beam.done:
             for beam in req.live_seqs:
-                self._finish(beam, "dropped")
+                self.scheduler.finish(beam, "dropped")
 
     def _extend_beam(self, seq: Sequence, c) -> None:
         seq.output_token_ids.append(c.token_id)
         seq.cumulative_logprob = c.cumulative_logprob
         self.generation_tokens_total += 1
 
-    def _fork_pending(self, req: Request, parent: Sequence) -> list[Sequence]:
-        """Parallel sampling: once sample 0 has its prompt cached, the other samples share its pages."""
-        forks, req.pending_forks = req.pending_forks, []
-        for child in forks:
-            self._fork_or_queue(parent, child)
-        return forks
-
-    def _fork_or_queue(self, parent: Sequence, child: Sequence) -> None:
-        """Run `child` on `parent`'s cached tokens; without room to share, it queues and prefills on its own."""
-        child.num_computed_tokens = parent.num_computed_tokens
-        if len(self.scheduler.running) < self.config.max_num_seqs and self.kv.fork(parent, child):
-            self.scheduler.add_running(child)
-        else:
-            child.num_computed_tokens = 0
-            self.scheduler.add(child)
-
     def _fail_unschedulable(self) -> list[RequestOutput]:
-        """Nothing could run although work waits, and nothing running will change that (it is empty, or only
-        beams waiting for a sibling): the head sequence cannot fit. Fail its request rather than spin."""
-        if not self.scheduler.waiting or any(s.num_uncomputed_tokens for s in self.scheduler.running):
+        """Nothing could run although work waits, and nothing running will change that: fail the head request."""
+        seq = self.scheduler.stuck()
+        if seq is None:
             return []
-        seq = self.scheduler.waiting[0]
         log.error("request %s cannot fit in the KV cache (%d tokens); aborting it", seq.request_id, len(seq))
         return [out for out in [self.abort(seq.request_id)] if out is not None]
 
@@ -274,38 +263,15 @@ class LLMEngine:
         if len(partial) == len(prompt):
             req.prompt_logprobs = self._prompt_logprobs.pop(req.request_id)
 
-    def _append_token(self, seq: Sequence, res) -> None:
-        p = seq.params
-        seq.output_token_ids.append(res.token_id)
-        self.generation_tokens_total += 1
-        seq.cumulative_logprob += res.logprob
-        if seq.logprobs is not None:
-            seq.logprobs.append(res.top_logprobs or {res.token_id: res.logprob})
-        delta = seq.detokenizer.append(res.token_id)
-        seq.text = seq.detokenizer.text
-        seq.streamable_len = len(seq.text)
-        n_out = len(seq.output_token_ids)
-        if n_out >= p.min_tokens:
-            if res.token_id in self.eos_token_ids and not p.ignore_eos:
-                return self._finish(seq, "stop")
-            if p.stop_token_ids and res.token_id in p.stop_token_ids:
-                return self._finish(seq, "stop", res.token_id)
-            if p.stop:
-                r = seq.stop_checker.check(seq.text, len(delta))
-                seq.text, seq.streamable_len = r.text, r.safe_len
-                if r.stopped:
-                    seq.streamable_len = len(seq.text)
-                    return self._finish(seq, "stop", r.stop_str)
-        if (p.max_tokens is not None and n_out >= p.max_tokens) or len(seq) >= self.max_model_len:
-            self._finish(seq, "length")
-
-    def _finish(self, seq: Sequence, reason: str, stop_reason=None) -> None:
-        seq.finish_reason, seq.stop_reason = reason, stop_reason
-        if not isinstance(stop_reason, str):
-            seq.text += seq.detokenizer.finish()  # an incomplete multi-byte character at the very end
-        seq.status = SequenceStatus.FINISHED
-        seq.streamable_len = len(seq.text)
-        self.scheduler.remove(seq)
+    def _outputs(self, request_ids) -> list[RequestOutput]:
+        outputs = []
+        for rid in request_ids:
+            req = self.requests[rid]
+            if req.finished:
+                req.metrics.finished_time = time.time()
+                del self.requests[rid]
+            outputs.append(self._output(req))
+        return outputs
 
     def _output(self, req: Request) -> RequestOutput:
         if req.beam is not None:
@@ -333,7 +299,7 @@ class LLMEngine:
         return self.kv.stats()
 
     def stats(self) -> EngineStats:
-        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting),
+        return EngineStats(self.scheduler.num_running, self.scheduler.num_waiting,
                            self.scheduler.num_preemptions, self.prompt_tokens_total,
                            self.generation_tokens_total, self.kv.stats())
 

@@ -14,17 +14,19 @@ from vattn.sequence import Sequence
 class StepLogits:
     sample_logits: torch.Tensor  # [num sampling seqs, vocab] float32, in batch order of the sampling seqs
     sample_seqs: list[Sequence]
-    prompt_logits: dict[int, torch.Tensor]  # seq_id -> [q, vocab] logits of a prompt chunk (prompt_logprobs)
+    prompt_seqs: list[Sequence]  # sequences whose prompt-chunk logits were asked for (prompt_logprobs)
+    prompt_logits: dict[int, torch.Tensor]  # seq_id -> [q, vocab] logits of that prompt chunk
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, device: torch.device):
+    def __init__(self, model: torch.nn.Module, device: torch.device, kv: KVCacheManager):
         self.model = model
         self.device = device
+        self.kv = kv
+        model.attn_backend = kv.attention_backend  # every layer attends through the cache's backend
 
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence], query_lens: list[int], kv: KVCacheManager,
-            want_prompt_logits: set[int] = frozenset()) -> StepLogits:
+    def run(self, seqs: list[Sequence], query_lens: list[int], want_prompt_logits: set[int] = frozenset()) -> StepLogits:
         ids, positions, sample_rows, sample_seqs, prompt_rows = [], [], [], [], {}
         offset = 0
         for seq, q in zip(seqs, query_lens):
@@ -35,15 +37,13 @@ class ModelRunner:
                 sample_rows.append(offset + q - 1)
                 sample_seqs.append(seq)
             if seq.seq_id in want_prompt_logits:
-                prompt_rows[seq.seq_id] = (offset, q)
+                prompt_rows[seq.seq_id] = (seq, offset, q)
             offset += q
-        meta = kv.build_metadata(seqs, query_lens, self.device)
-        kv.prefetch(sample_seqs)  # map the next step's pages while this one computes
+        meta = self.kv.build_metadata(seqs, query_lens, self.device)
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
-        self.model.attn_backend = kv.attention_backend
         hidden = self.model(input_ids, pos, meta)
         rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
         sample_logits = self.model.compute_logits(hidden[rows]) if sample_rows else hidden.new_empty(0)
-        prompt_logits = {sid: self.model.compute_logits(hidden[o:o + q]) for sid, (o, q) in prompt_rows.items()}
-        return StepLogits(sample_logits.float(), sample_seqs, {k: v.float() for k, v in prompt_logits.items()})
+        prompt_logits = {sid: self.model.compute_logits(hidden[o:o + q]).float() for sid, (_, o, q) in prompt_rows.items()}
+        return StepLogits(sample_logits.float(), sample_seqs, [s for s, _, _ in prompt_rows.values()], prompt_logits)

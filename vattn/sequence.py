@@ -43,6 +43,7 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     swapped: bool = False  # its KV lives in host memory (swap preemption)
+    num_cached_tokens: int | None = None  # prompt tokens served by the prefix cache when first admitted
 
     @property
     def token_ids(self) -> list[int]:
@@ -59,6 +60,24 @@ class Sequence:
     def num_uncomputed_tokens(self) -> int:
         return len(self) - self.num_computed_tokens
 
+    def append_token(self, token_id: int, logprob: float, top_logprobs: dict[int, float] | None = None) -> int:
+        """Add a generated token and its text; returns how many characters of text it added."""
+        self.output_token_ids.append(token_id)
+        self.cumulative_logprob += logprob
+        if self.logprobs is not None:
+            self.logprobs.append(top_logprobs or {token_id: logprob})
+        delta = self.detokenizer.append(token_id)
+        self.text = self.detokenizer.text
+        self.streamable_len = len(self.text)
+        return len(delta)
+
+    def finish(self, reason: str, stop_reason: int | str | None = None) -> None:
+        self.finish_reason, self.stop_reason = reason, stop_reason
+        if not isinstance(stop_reason, str) and self.detokenizer is not None:
+            self.text += self.detokenizer.finish()  # an incomplete multi-byte character at the very end
+        self.status = SequenceStatus.FINISHED
+        self.streamable_len = len(self.text)
+
 
 @dataclass(eq=False)
 class Request:
@@ -69,7 +88,6 @@ class Request:
     seqs: list[Sequence]
     metrics: RequestMetrics
     prompt_logprobs: list[dict[int, float] | None] | None = None
-    num_cached_tokens: int = 0
     # n > 1: samples 1..n-1 wait for sample 0's prefill, then fork its cache and sample from the same logits
     pending_forks: list[Sequence] = field(default_factory=list)
     beam: BeamSearch | None = None  # beam search state; its live beams are the unfinished `seqs`
@@ -80,6 +98,11 @@ class Request:
         if self.beam is not None:
             return self.beam.done
         return all(s.is_finished for s in self.seqs)
+
+    @property
+    def num_cached_tokens(self) -> int:
+        """Prompt tokens the prefix cache served when the request's first sequence was admitted."""
+        return self.seqs[0].num_cached_tokens or 0 if self.seqs else 0
 
     @property
     def live_seqs(self) -> list[Sequence]:

@@ -23,21 +23,19 @@ class Swapper:
         return seq.num_computed_tokens > 0
 
     def swap_out(self, seq: Sequence) -> None:
+        """Copy the sequence's computed K/V to the host and free its cache (it keeps its num_computed_tokens)."""
         n = seq.num_computed_tokens
         self.host[seq.seq_id] = self.kv.read_tokens(seq, n)
         self.kv.free(seq)
         seq.swapped = True
         self.swapped_out_tokens += n
 
-    def swap_in(self, seq: Sequence, capacity: int) -> bool:
-        """Give `seq` room for `capacity` tokens and restore its K/V; False (nothing changed) if memory is short."""
-        if not self.kv.allocate(seq, capacity):
-            return False
+    def swap_in(self, seq: Sequence) -> None:
+        """Restore the K/V into the cache the scheduler just allocated for `seq` (allocate made it private)."""
         data = self.host.pop(seq.seq_id)
         self.kv.write_tokens(seq, data)
         seq.swapped = False
         self.swapped_in_tokens += data[0].shape[0]
-        return True
 
     def drop(self, seq: Sequence) -> None:
         self.host.pop(seq.seq_id, None)

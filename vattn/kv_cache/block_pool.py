@@ -1,15 +1,17 @@
-"""Physical KV blocks of the paged path: reference counts, a free list and the prefix-hash index.
+"""Physical KV blocks of the paged path: reference counts, a free list and the eviction order of cached blocks.
 
 A block is free (refcount 0, no cached content), in use (refcount >= 1: it sits in that many block tables), or
-cached-and-evictable (refcount 0 but registered in the prefix-hash index, so a later request with the same prefix
+cached-and-evictable (refcount 0 but still registered in the prefix cache, so a later request with the same prefix
 can take it back). `allocate` prefers truly free blocks and evicts cached ones least recently released first.
+Which prefix a block holds is the prefix cache's business (vattn.kv_cache.prefix_cache); the pool only asks it
+whether a block is cached, and tells it when a cached block is evicted.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict, deque
 
-from vattn.kv_cache.prefix_hash import BlockHash
+from vattn.kv_cache.prefix_cache import PrefixCache
 
 
 class BlockPoolExhaustedError(RuntimeError):
@@ -17,15 +19,14 @@ class BlockPoolExhaustedError(RuntimeError):
 
 
 class BlockPool:
-    def __init__(self, num_blocks: int):
+    def __init__(self, num_blocks: int, cache: PrefixCache | None = None):
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         self.num_blocks = num_blocks
+        self.cache = cache
         self.refcount = [0] * num_blocks
         self._free: deque[int] = deque(range(num_blocks))
         self._evictable: OrderedDict[int, None] = OrderedDict()  # cached, refcount 0; oldest release first
-        self.hash_of: dict[int, BlockHash] = {}  # block -> hash of the prefix it completes
-        self.block_of: dict[BlockHash, int] = {}  # the inverse: the prefix-hash index
         self.num_evictions = 0
 
     # -- counts -----------------------------------------------------------------------------------
@@ -46,10 +47,6 @@ class BlockPool:
     def num_shared(self) -> int:
         return sum(1 for r in self.refcount if r > 1)
 
-    @property
-    def num_cached(self) -> int:
-        return len(self.block_of)
-
     # -- allocation -------------------------------------------------------------------------------
     def allocate(self) -> int:
         """A block with refcount 1 and no cached identity; evicts the least recently released cached block if needed."""
@@ -57,7 +54,7 @@ class BlockPool:
             block = self._free.popleft()
         elif self._evictable:
             block, _ = self._evictable.popitem(last=False)
-            del self.block_of[self.hash_of.pop(block)]
+            self.cache.forget(block)
             self.num_evictions += 1
         else:
             raise BlockPoolExhaustedError(f"all {self.num_blocks} blocks are in use")
@@ -80,33 +77,16 @@ class BlockPool:
             raise ValueError(f"block {block} is not in use (refcount {self.refcount[block]})")
         self.refcount[block] -= 1
         if self.refcount[block] == 0:
-            if block in self.hash_of:
+            if self.cache is not None and block in self.cache:
                 self._evictable[block] = None
             else:
                 self._free.append(block)
-
-    # -- prefix-hash index --------------------------------------------------------------------------
-    def register(self, block: int, block_hash: BlockHash) -> bool:
-        """Index a full, computed block under `block_hash`; False when another block already holds that prefix."""
-        self._check(block)
-        if self.refcount[block] <= 0:
-            raise ValueError(f"block {block} is not in use: only a live, computed block can be registered")
-        if block_hash in self.block_of:
-            return self.block_of[block_hash] == block
-        if block in self.hash_of:
-            raise ValueError(f"block {block} is already registered under another hash")
-        self.block_of[block_hash] = block
-        self.hash_of[block] = block_hash
-        return True
-
-    def lookup(self, block_hash: BlockHash) -> int | None:
-        return self.block_of.get(block_hash)
 
     def clear_cache(self) -> int:
         """Forget every cached-but-evictable block (they become plain free blocks); returns how many."""
         n = len(self._evictable)
         for block in self._evictable:
-            del self.block_of[self.hash_of.pop(block)]
+            self.cache.forget(block)
             self._free.append(block)
         self._evictable.clear()
         return n

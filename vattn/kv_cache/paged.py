@@ -7,11 +7,10 @@ Sharing. `fork(parent, child)` gives the child the parent's blocks for the paren
 each). A shared block is never written: before a sequence's next token lands in a shared, partially filled block,
 `allocate` copies that block (every layer) into a fresh one (copy-on-write). A shared full block needs no copy.
 
-Prefix caching (enable_prefix_caching=True). Once a full block is computed it is registered in the pool's index
-under the hash chain of the tokens up to its end (vattn.kv_cache.prefix_hash). A newly admitted sequence takes the
-longest chain of cached blocks matching its tokens (refcount + 1). Freed indexed blocks stay cached and evictable,
-least recently released first. Counters are in tokens: prefix_cache_queries += len(seq) per lookup, and
-prefix_cache_hits += the tokens served from the cache, so hits / queries is the fraction of prompt tokens skipped.
+Prefix caching (enable_prefix_caching=True). Once a full block is computed it is registered in the prefix cache
+(vattn.kv_cache.prefix_cache) under the hash chain of the tokens up to its end. `match_prefix` finds the longest
+chain of cached blocks for a new sequence and `allocate` takes them (refcount + 1). Freed indexed blocks stay cached
+and evictable, least recently released first.
 """
 
 from __future__ import annotations
@@ -20,9 +19,9 @@ import torch
 
 from vattn.attention.metadata import AttentionMetadata
 from vattn.attention.paged import PagedAttention
-from vattn.kv_cache.base import KVCacheManager, KVStats
+from vattn.kv_cache.base import NO_MATCH, KVCacheManager, KVStats, PrefixMatch
 from vattn.kv_cache.block_pool import BlockPool
-from vattn.kv_cache.prefix_hash import BlockHash, extend_chain
+from vattn.kv_cache.prefix_cache import PrefixCache
 from vattn.sequence import Sequence
 
 
@@ -51,16 +50,13 @@ class PagedKVCache(KVCacheManager):
         # empty, not zeros: host pages are committed only when written, and kernels never read unwritten slots
         self.k_pools = [torch.empty(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
         self.v_pools = [torch.empty(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
-        self.pool = BlockPool(num_blocks)
+        self.prefix = PrefixCache(block_size) if enable_prefix_caching else None
+        self.pool = BlockPool(num_blocks, self.prefix)
         self._attn = PagedAttention(self.k_pools, self.v_pools, scale=head_dim ** -0.5, block_size=block_size,
                                     kernel=attention_kernel)
-        self.enable_prefix_caching = enable_prefix_caching
         self.tables: dict[int, list[int]] = {}  # seq_id -> block ids
         self.num_tokens: dict[int, int] = {}  # seq_id -> tokens allocated (live)
-        self._hashes: dict[int, list[BlockHash]] = {}  # seq_id -> hash chain of its full blocks (computed or not)
-        self._registered: dict[int, int] = {}  # seq_id -> leading blocks already offered to the index
-        self.prefix_cache_queries = 0
-        self.prefix_cache_hits = 0
+        self._registered: dict[int, int] = {}  # seq_id -> leading blocks already offered to the prefix cache
         self.num_cow_copies = 0
 
     # -- sizes ---------------------------------------------------------------------------------
@@ -70,38 +66,49 @@ class PagedKVCache(KVCacheManager):
     def block_table(self, seq: Sequence) -> list[int]:
         return self.tables[seq.seq_id]
 
-    # -- the scheduler's questions ---------------------------------------------------------------
-    def can_admit(self, seq: Sequence, num_tokens: int) -> bool:
-        held = len(self.tables.get(seq.seq_id, ()))
-        return self.blocks_for(num_tokens) - held <= self.pool.num_free
+    # -- lookup, then commit -----------------------------------------------------------------------
+    def match_prefix(self, seq: Sequence) -> PrefixMatch:
+        """Sequences that want prompt logprobs skip the cache: they need logits for every prompt token."""
+        if self.prefix is None or seq.params.prompt_logprobs is not None or seq.seq_id in self.tables:
+            return NO_MATCH
+        blocks = self.prefix.match(seq)
+        return PrefixMatch(tuple(blocks), len(blocks) * self.block_size, len(seq))
 
-    def allocate(self, seq: Sequence, num_tokens: int) -> bool:
-        """Grow `seq`'s table to hold `num_tokens` tokens (copy-on-write first if its next write hits a shared block)."""
-        if num_tokens > self.max_model_len:
-            raise ValueError(f"num_tokens={num_tokens} exceeds max_model_len={self.max_model_len}")
+    def allocate(self, seq: Sequence, num_tokens: int, match: PrefixMatch = NO_MATCH) -> bool:
+        self.check_length(num_tokens)
         sid = seq.seq_id
-        table = self.tables.get(sid, [])
-        self._register_computed(seq)
-        cow = self._shared_write_block(seq, table, num_tokens)
-        need = max(0, self.blocks_for(num_tokens) - len(table)) + int(cow is not None)
-        if need > self.pool.num_free:
+        new = sid not in self.tables
+        if new:
+            table, start = list(match.units), match.num_tokens
+            taken = sum(1 for b in table if self.pool.refcount[b] == 0)  # cached blocks leave the free count
+            cow = None  # matched blocks are full: the first write lands after them
+        else:
+            table, start, taken = self.tables[sid], seq.num_computed_tokens, 0
+            self._register_computed(seq)
+            cow = self._shared_write_block(table, start, num_tokens)
+        grow = max(0, self.blocks_for(num_tokens) - len(table))
+        if grow + taken + int(cow is not None) > self.pool.num_free:
             return False
+        if new:
+            for block in table:
+                self.pool.incref(block)
+            self.tables[sid], self._registered[sid] = table, len(table)
+            if self.prefix is not None:
+                self.prefix.record(match.queried_tokens, match.num_tokens)
         if cow is not None:
             self._copy_on_write(table, cow)
-        table.extend(self.pool.allocate() for _ in range(self.blocks_for(num_tokens) - len(table)))
-        self.tables[sid] = table
+        table.extend(self.pool.allocate() for _ in range(grow))
         self.num_tokens[sid] = max(num_tokens, self.num_tokens.get(sid, 0))
         return True
 
-    def _shared_write_block(self, seq: Sequence, table: list[int], num_tokens: int) -> int | None:
-        """Index in `table` of a shared block that growing `seq` to `num_tokens` would write into, if any.
+    def _shared_write_block(self, table: list[int], start: int, stop: int) -> int | None:
+        """Index in `table` of a shared block that writing positions [start, stop) would touch, if any.
 
-        Only the block holding position num_computed_tokens can be both shared and written: blocks before it are
-        full (never written again), blocks after it were allocated by this sequence alone.
+        Only the block holding position `start` can be both shared and written: blocks before it are full (never
+        written again), blocks after it were allocated by this sequence alone.
         """
-        written = seq.num_computed_tokens
-        i = written // self.block_size
-        if written < num_tokens and i < len(table) and self.pool.refcount[table[i]] > 1:
+        i = start // self.block_size
+        if start < stop and i < len(table) and self.pool.refcount[table[i]] > 1:
             return i
         return None
 
@@ -122,14 +129,16 @@ class PagedKVCache(KVCacheManager):
         for block in reversed(table):  # the tail of a prefix is evicted before its head
             self.pool.decref(block)
         self.num_tokens.pop(sid, None)
-        self._hashes.pop(sid, None)
         self._registered.pop(sid, None)
+        if self.prefix is not None:
+            self.prefix.drop_chain(sid)
 
     def fork(self, parent: Sequence, child: Sequence) -> bool:
-        """Let `child` share `parent`'s blocks for the parent's computed tokens; sets child.num_computed_tokens.
+        """The child shares the parent's blocks up to its computed tokens (refcount + 1 each).
 
-        The child must hold no cache yet and start with the same tokens as the parent. Needs no free block: always
-        True (the copy of a shared partial block happens later, in allocate, when one of them writes into it).
+        A shared partial block is copied later, by whichever of the two writes into it first (allocate). If the
+        parent has already been given room past its computed tokens (it writes this step), the child gets its own
+        copy of that partial block now; that needs one free block, else False.
         """
         if child.seq_id in self.tables:
             raise ValueError(f"child sequence {child.seq_id} already holds KV blocks")
@@ -138,15 +147,20 @@ class PagedKVCache(KVCacheManager):
         n = parent.num_computed_tokens
         if len(child) < n or child.token_ids[:n] != parent.token_ids[:n]:
             raise ValueError(f"child's tokens differ from the parent's first {n} computed tokens")
-        shared = self.tables[parent.seq_id][: self.blocks_for(n)]
-        for block in shared:
+        copy_last = n % self.block_size != 0 and self.num_tokens[parent.seq_id] > n
+        if copy_last and not self.pool.num_free:
+            return False
+        table = self.tables[parent.seq_id][: self.blocks_for(n)]
+        for block in table:
             self.pool.incref(block)
-        self.tables[child.seq_id] = list(shared)
+        if copy_last:
+            self._copy_on_write(table, len(table) - 1)
+        self.tables[child.seq_id] = table
         self.num_tokens[child.seq_id] = n
         full = n // self.block_size
-        self._hashes[child.seq_id] = list(self._hashes.get(parent.seq_id, [])[:full])
         self._registered[child.seq_id] = min(self._registered.get(parent.seq_id, 0), full)
-        child.num_computed_tokens = n
+        if self.prefix is not None:
+            self.prefix.fork_chain(parent.seq_id, child.seq_id, full)
         return True
 
     # -- swapping -------------------------------------------------------------------------------
@@ -179,71 +193,30 @@ class PagedKVCache(KVCacheManager):
             self._flat(p).index_copy_(0, slots, d.to(p.device, p.dtype))
 
     # -- prefix caching -------------------------------------------------------------------------
-    def _chain(self, seq: Sequence, num_blocks: int) -> list[BlockHash]:
-        return extend_chain(self._hashes.setdefault(seq.seq_id, []), seq.token_ids, self.block_size, num_blocks)
-
     def _register_computed(self, seq: Sequence) -> None:
         """Index the full blocks of `seq` whose tokens are all computed."""
-        if not self.enable_prefix_caching:
+        if self.prefix is None:
             return
         sid = seq.seq_id
         table = self.tables.get(sid, [])
         full = min(seq.num_computed_tokens // self.block_size, len(table))
         done = self._registered.get(sid, 0)
-        if full <= done:
-            return
-        chain = self._chain(seq, full)
-        for i in range(done, full):
-            self.pool.register(table[i], chain[i])
-        self._registered[sid] = full
-
-    def num_cached_prefix_tokens(self, seq: Sequence) -> int:
-        """Attach the longest run of cached full blocks matching `seq`'s tokens; returns the tokens they hold.
-
-        Never the whole sequence: at least its last token is left to compute, so the model yields logits.
-        Sequences that want prompt logprobs skip the cache (they need logits for every prompt token).
-        """
-        if not self.enable_prefix_caching or seq.seq_id in self.tables:
-            return 0
-        params = getattr(seq, "params", None)
-        if params is not None and getattr(params, "prompt_logprobs", None) is not None:
-            return 0
-        self.prefix_cache_queries += len(seq)
-        chain = self._chain(seq, (len(seq) - 1) // self.block_size)
-        blocks = []
-        for h in chain:
-            block = self.pool.lookup(h)
-            if block is None:
-                break
-            blocks.append(block)
-        if not blocks:
-            return 0
-        for block in blocks:
-            self.pool.incref(block)
-        self.tables[seq.seq_id] = blocks
-        self._registered[seq.seq_id] = len(blocks)
-        cached = len(blocks) * self.block_size
-        self.num_tokens[seq.seq_id] = cached
-        self.prefix_cache_hits += cached
-        return cached
-
-    def reclaim_all(self) -> None:
-        """Nothing is held idle on the paged path (cached blocks already count as free)."""
+        if full > done:
+            self.prefix.register_prefix(seq, table[:full], done)
+            self._registered[sid] = full
 
     # -- per step -------------------------------------------------------------------------------
     def build_metadata(self, seqs: list[Sequence], query_lens: list[int], device: torch.device) -> AttentionMetadata:
         context_lens = [s.num_computed_tokens + q for s, q in zip(seqs, query_lens)]
         tables = [self.tables[s.seq_id] for s in seqs]
         for s, table, ctx in zip(seqs, tables, context_lens):
-            if len(table) < self.blocks_for(ctx):
-                raise ValueError(f"sequence {s.seq_id} holds {len(table)} blocks, too few for {ctx} tokens: "
-                                 "call allocate() first")
-            cow = self._shared_write_block(s, table, ctx)  # a fork after allocate(): copy now
+            if self.num_tokens[s.seq_id] < ctx:
+                raise ValueError(f"sequence {s.seq_id} holds room for {self.num_tokens[s.seq_id]} tokens, too few "
+                                 f"for {ctx}: call allocate() first")
+            cow = self._shared_write_block(table, s.num_computed_tokens, ctx)
             if cow is not None:
-                if not self.pool.num_free:
-                    raise RuntimeError(f"sequence {s.seq_id} must copy shared block {table[cow]} before writing, "
-                                       "but no block is free")
-                self._copy_on_write(table, cow)
+                raise RuntimeError(f"sequence {s.seq_id} would write shared block {table[cow]}: allocate() makes "
+                                   "the blocks a step writes private first")
         return AttentionMetadata.build_paged(query_lens, context_lens, tables, self.block_size, device)
 
     @property
@@ -257,13 +230,14 @@ class PagedKVCache(KVCacheManager):
             for i, block in enumerate(table):
                 fill[block] = max(fill.get(block, 0), min(self.block_size, max(0, n - i * self.block_size)))
         used = self.pool.num_used
+        prefix = self.prefix.stats if self.prefix is not None else None
         return KVStats(
             kind=self.kind, page_bytes=self.block_bytes, tokens_per_unit=self.block_size,
             units_total=self.num_blocks, units_free=self.pool.num_free, units_mapped=used, units_idle=0,
             units_shared=self.pool.num_shared, live_tokens=sum(self.num_tokens.values()),
             reserved_bytes=self.num_blocks * self.block_bytes, mapped_bytes=used * self.block_bytes,
             used_bytes=sum(fill.values()) * self.token_bytes,
-            prefix_cache_queries=self.prefix_cache_queries, prefix_cache_hits=self.prefix_cache_hits,
+            prefix_cache_queries=prefix.queries if prefix else 0, prefix_cache_hits=prefix.hits if prefix else 0,
         )
 
     def close(self) -> None:
