@@ -99,6 +99,21 @@ def test_random_tokens_match_full_decode(ids, skip):
 
 
 @settings(max_examples=100, deadline=None)
+@given(ids=st.lists(st.integers(0, len(byte_level_tokenizer()) - 1), max_size=40),
+       cuts=st.lists(st.integers(1, 6), max_size=12), skip=st.booleans())
+def test_extend_in_chunks_equals_one_by_one(ids, cuts, skip):
+    """The engine detokenizes lazily, several tokens at a time: the text must not depend on the chunking."""
+    tok = byte_level_tokenizer()
+    one, _ = stream(tok, ids, skip_special_tokens=skip)
+    chunked, i = IncrementalDetokenizer(tok, [], skip_special_tokens=skip), 0
+    for c in cuts + [len(ids)]:
+        chunked.extend(ids[i:i + c])
+        i += c
+        assert one.text.startswith(chunked.text) or not chunked.text  # never shows what one-by-one would not
+    assert chunked.text + chunked.finish() == one.text + one.finish()
+
+
+@settings(max_examples=100, deadline=None)
 @given(text=st.text(alphabet=ALPHABET, max_size=30))
 def test_real_text_never_shows_replacement_char(text):
     tok = byte_level_tokenizer()

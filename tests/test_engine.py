@@ -169,3 +169,41 @@ def test_interleaved_layout_matches_transformers_under_preemption(tiny_model, fa
         assert kv.pool.num_free == kv.pool.num_pages
     for p, out in zip(prompts, outs):
         assert_greedy(path, p, out.outputs[0].token_ids, 30)
+
+
+def test_output_kind_final_only_reports_each_request_once_with_the_same_result(tiny_model):
+    """Streaming reports a request after every step; final_only only at the end, with identical text and tokens."""
+    path = tiny_model("llama")
+    prompts = prompts_for(9, 3)
+    results = {}
+    for kind in ("cumulative", "final_only"):
+        engine = LLMEngine(EngineConfig(model=path, device="cpu", kv_cache_memory=4 << 20, max_num_seqs=4))
+        try:
+            for i, p in enumerate(prompts):
+                engine.add_request(f"r{i}", prompt_token_ids=p, params=greedy(7, output_kind=kind))
+            seen = []
+            while engine.has_unfinished_requests():
+                seen += engine.step()
+        finally:
+            engine.close()
+        finals = {o.request_id: (o.outputs[0].text, o.outputs[0].token_ids) for o in seen if o.finished}
+        results[kind] = (len(seen), finals)
+    assert results["final_only"][0] == 3 and results["cumulative"][0] == 3 * 7
+    assert results["final_only"][1] == results["cumulative"][1] and len(results["final_only"][1]) == 3
+    with pytest.raises(ValueError, match="output_kind"):
+        SamplingParams(output_kind="deltas")
+
+
+@pytest.mark.parametrize("kv_cache", ["vattention", "paged"])
+def test_stop_string_cuts_the_text_in_the_engine(tiny_model, kv_cache):
+    """A stop string taken from the middle of a free run ends the run there, streamed or not."""
+    path = tiny_model("llama")
+    prompt = prompts_for(11, 1)[0]
+    with make_llm(path, kv_cache=kv_cache) as llm:
+        free = llm.generate(prompt_token_ids=[prompt], sampling_params=greedy(24), use_tqdm=False)[0].outputs[0]
+        text = free.text
+        assert len(text) > 8
+        stop = text[len(text) // 2: len(text) // 2 + 3]
+        cut = llm.generate(prompt_token_ids=[prompt], sampling_params=greedy(24, stop=[stop]),
+                           use_tqdm=False)[0].outputs[0]
+    assert cut.text == text[: text.index(stop)] and cut.finish_reason == "stop" and cut.stop_reason == stop

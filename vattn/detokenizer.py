@@ -48,6 +48,11 @@ class IncrementalDetokenizer:
         self.token_ids.append(int(token_id))
         return self._emit(hold_incomplete=True)
 
+    def extend(self, token_ids: Sequence[int]) -> str:
+        """Add several generated tokens at once; the same text as appending them one by one, in one decode."""
+        self.token_ids.extend(int(t) for t in token_ids)
+        return self._emit(hold_incomplete=True)
+
     def finish(self) -> str:
         """Release held-back text (an incomplete character becomes U+FFFD). Call when the sequence ends."""
         return self._emit(hold_incomplete=False)

@@ -264,18 +264,23 @@ class LLMEngine:
             req.prompt_logprobs = self._prompt_logprobs.pop(req.request_id)
 
     def _outputs(self, request_ids) -> list[RequestOutput]:
+        """Outputs of the requests that moved: all of them when streamed, only finished ones for final_only."""
         outputs = []
         for rid in request_ids:
             req = self.requests[rid]
             if req.finished:
                 req.metrics.finished_time = time.time()
                 del self.requests[rid]
+            elif req.params.output_kind == "final_only":
+                continue
             outputs.append(self._output(req))
         return outputs
 
     def _output(self, req: Request) -> RequestOutput:
         if req.beam is not None:
             return self._beam_output(req)
+        for s in req.seqs:
+            s.sync_text()
         outs = [CompletionOutput(
             index=s.index, text=s.text[: s.streamable_len], token_ids=list(s.output_token_ids),
             cumulative_logprob=s.cumulative_logprob if s.logprobs is not None else None,

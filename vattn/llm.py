@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Sequence
 
@@ -73,6 +74,7 @@ class LLM:
         ids = []
         try:
             for (prompt, tokens), p in zip(items, params):
+                p = dataclasses.replace(p, output_kind="final_only")  # only finished outputs are read here
                 rid = f"llm-{next(self._ids)}"
                 self.engine.add_request(rid, prompt, p, prompt_token_ids=tokens)
                 ids.append(rid)

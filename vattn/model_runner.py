@@ -31,7 +31,7 @@ class ModelRunner:
         offset = 0
         for seq, q in zip(seqs, query_lens):
             start = seq.num_computed_tokens
-            ids.extend(seq.token_ids[start:start + q])
+            ids.extend(seq.tokens(start, start + q))
             positions.extend(range(start, start + q))
             if start + q == len(seq):  # the chunk reaches the end: this sequence samples its next token
                 sample_rows.append(offset + q - 1)

@@ -40,6 +40,9 @@ def _check_bool(name: str, value) -> bool:
     return value
 
 
+OUTPUT_KINDS = ("cumulative", "final_only")
+
+
 @dataclass
 class SamplingParams:
     """How to pick tokens for one request and when to stop.
@@ -68,8 +71,13 @@ class SamplingParams:
     use_beam_search: bool = False
     beam_width: int = 1
     length_penalty: float = 1.0
+    # "cumulative": the engine reports the request after every step that moved it (streaming);
+    # "final_only": only once it finishes (offline generation: no text is built for steps nobody reads)
+    output_kind: str = "cumulative"
 
     def __post_init__(self) -> None:
+        if self.output_kind not in OUTPUT_KINDS:
+            raise ValueError(f"output_kind must be one of {OUTPUT_KINDS}, got {self.output_kind!r}")
         self.n = _check_int("n", self.n)
         if self.n < 1:
             raise ValueError(f"n must be >= 1, got {self.n}")

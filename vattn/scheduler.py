@@ -162,12 +162,12 @@ class Scheduler:
         for t in tokens:
             if t.fork_from is not None:
                 self.fork(t.fork_from, t.seq)
-            delta_len = t.seq.append_token(t.token_id, t.logprob, t.top_logprobs)
-            end = self._finish_reason(t.seq, t.token_id, delta_len)
+            t.seq.append_token(t.token_id, t.logprob, t.top_logprobs)
+            end = self._finish_reason(t.seq, t.token_id)
             if end is not None:
                 self.finish(t.seq, *end)
 
-    def _finish_reason(self, seq: Sequence, token_id: int, delta_len: int) -> tuple[str, int | str | None] | None:
+    def _finish_reason(self, seq: Sequence, token_id: int) -> tuple[str, int | str | None] | None:
         p = seq.params
         n_out = len(seq.output_token_ids)
         if n_out >= p.min_tokens:
@@ -175,7 +175,8 @@ class Scheduler:
                 return "stop", None
             if p.stop_token_ids and token_id in p.stop_token_ids:
                 return "stop", token_id
-            if p.stop:
+            if p.stop:  # stop strings need the text of every step
+                delta_len = seq.sync_text()
                 r = seq.stop_checker.check(seq.text, delta_len)
                 seq.text, seq.streamable_len = r.text, r.safe_len
                 if r.stopped:

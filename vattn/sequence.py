@@ -44,6 +44,7 @@ class Sequence:
     stop_reason: int | str | None = None
     swapped: bool = False  # its KV lives in host memory (swap preemption)
     num_cached_tokens: int | None = None  # prompt tokens served by the prefix cache when first admitted
+    _detokenized: int = 0  # output tokens already turned into text
 
     @property
     def token_ids(self) -> list[int]:
@@ -60,20 +61,37 @@ class Sequence:
     def num_uncomputed_tokens(self) -> int:
         return len(self) - self.num_computed_tokens
 
-    def append_token(self, token_id: int, logprob: float, top_logprobs: dict[int, float] | None = None) -> int:
-        """Add a generated token and its text; returns how many characters of text it added."""
+    def tokens(self, start: int, stop: int) -> list[int]:
+        """token_ids[start:stop] without building the whole list."""
+        p = len(self.prompt_token_ids)
+        if start >= p:
+            return self.output_token_ids[start - p:stop - p]
+        if stop <= p:
+            return self.prompt_token_ids[start:stop]
+        return self.prompt_token_ids[start:] + self.output_token_ids[:stop - p]
+
+    def append_token(self, token_id: int, logprob: float, top_logprobs: dict[int, float] | None = None) -> None:
+        """Add a generated token. Its text is made when someone asks for it (sync_text)."""
         self.output_token_ids.append(token_id)
         self.cumulative_logprob += logprob
         if self.logprobs is not None:
             self.logprobs.append(top_logprobs or {token_id: logprob})
-        delta = self.detokenizer.append(token_id)
+
+    def sync_text(self) -> int:
+        """Detokenize the tokens appended since the last call; returns how many characters of text they added."""
+        pending = self.output_token_ids[self._detokenized:]
+        if not pending or self.is_finished:
+            return 0
+        self._detokenized = len(self.output_token_ids)
+        delta = self.detokenizer.extend(pending)
         self.text = self.detokenizer.text
         self.streamable_len = len(self.text)
         return len(delta)
 
     def finish(self, reason: str, stop_reason: int | str | None = None) -> None:
         self.finish_reason, self.stop_reason = reason, stop_reason
-        if not isinstance(stop_reason, str) and self.detokenizer is not None:
+        if not isinstance(stop_reason, str) and self.detokenizer is not None:  # (a stop string cut the text)
+            self.sync_text()
             self.text += self.detokenizer.finish()  # an incomplete multi-byte character at the very end
         self.status = SequenceStatus.FINISHED
         self.streamable_len = len(self.text)

@@ -133,7 +133,7 @@ class VAttentionKVCache(KVCacheManager):
             shared = [p for p in written if self.pool.refcount(self._unit(slot, p)[0]) > 1]
             missing = max(0, self.pages_for(num_tokens) - max(self.slots.mapped[slot], k))
             need = missing + len(shared)
-            if need > self._free_units() + self._reclaimable(slot, set(match.units)):
+            if need > self._free_units() and need > self._free_units() + self._reclaimable(slot, set(match.units)):
                 return False
             # commit
             if new:
