@@ -160,7 +160,7 @@ def test_interleaved_layout_matches_transformers_under_preemption(tiny_model, fa
     path = tiny_model(family)
     prompts = prompts_for(11, 5)
     with make_llm(path, kv_layout="interleaved", max_num_seqs=5, kv_cache_memory=24 * PAGE,
-                  max_num_batched_tokens=48) as llm:
+                  max_num_batched_tokens=48, max_model_len=96) as llm:
         kv = llm.engine.kv
         assert len(kv.tensors) == 1 and kv.tokens_per_page < 32  # all layers share a page: fewer tokens a page
         outs = llm.generate(prompt_token_ids=prompts, sampling_params=greedy(30), use_tqdm=False)
@@ -207,3 +207,66 @@ def test_stop_string_cuts_the_text_in_the_engine(tiny_model, kv_cache):
         cut = llm.generate(prompt_token_ids=[prompt], sampling_params=greedy(24, stop=[stop]),
                            use_tqdm=False)[0].outputs[0]
     assert cut.text == text[: text.index(stop)] and cut.finish_reason == "stop" and cut.stop_reason == stop
+
+
+@pytest.mark.parametrize("kv_cache", ["vattention", "paged"])
+def test_a_pool_that_cannot_hold_max_model_len_is_refused_or_lowers_the_default(tiny_model, kv_cache):
+    path = tiny_model("llama")  # max_position_embeddings 512
+    small = 8 * 4 * PAGE  # 8 pages in each of the 4 KV tensors (2 layers): far fewer than 512 tokens
+    with pytest.raises(ValueError, match="max_model_len=512.*set max_model_len <= "):
+        LLM(model=path, device="cpu", kv_cache=kv_cache, kv_cache_memory=small, page_size=PAGE, max_model_len=512)
+    with LLM(model=path, device="cpu", kv_cache=kv_cache, kv_cache_memory=small, page_size=PAGE) as llm:  # the default is lowered
+        fits = llm.engine.max_model_len
+        assert 1 < fits < 512 and llm.engine.kv.max_sequence_tokens == fits
+        out = llm.generate(prompt_token_ids=[prompts_for(3, 1)[0]], sampling_params=greedy(fits), use_tqdm=False)[0]
+        assert out.outputs[0].finish_reason == "length" and len(out.prompt_token_ids) + len(out.outputs[0].token_ids) == fits
+
+
+def test_a_vattention_pool_without_a_page_per_tensor_is_refused(tiny_model):
+    with pytest.raises(ValueError, match="a token needs a page in each of the 4 KV tensors"):
+        LLM(model=tiny_model("llama"), device="cpu", kv_cache_memory=3 * PAGE, page_size=PAGE)
+
+
+def test_a_failed_start_releases_the_kv_pool(tiny_model):
+    """Issue 13 #11: construction that raises after the pool exists must give the pool back (here: memfds, maps)."""
+    import os
+
+    path = tiny_model("llama")
+
+    def resources() -> tuple[int, int]:
+        with open("/proc/self/maps") as f:
+            return len(os.listdir("/proc/self/fd")), sum(1 for line in f if "memfd" in line)
+
+    for attempt in range(2):  # the first round warms up lazy imports and caches
+        before = resources()
+        for _ in range(10):
+            with pytest.raises(ValueError):  # fails in the KV manager, after the pool is made
+                LLM(model=path, device="cpu", kv_cache_memory=3 * PAGE, page_size=PAGE)
+            with pytest.raises(ValueError):  # fails in the engine, after the whole KV cache is made
+                LLM(model=path, device="cpu", kv_cache_memory=32 * PAGE, page_size=PAGE, max_model_len=512)
+        if attempt:
+            assert resources() == before
+
+
+@pytest.mark.parametrize("kv_cache", ["vattention", "paged"])
+def test_kv_gauges_never_go_negative_under_preemption_and_sharing(tiny_model, kv_cache):
+    """Issue 12: vAttention counted idle rows beyond what was mapped, so free/used page gauges went negative."""
+    path = tiny_model("llama")
+    engine = LLMEngine(EngineConfig(model=path, device="cpu", kv_cache=kv_cache, page_size=PAGE, max_model_len=128,
+                                    kv_cache_memory=6 * 4 * PAGE, max_num_seqs=6, max_num_batched_tokens=64))
+    try:
+        shared = prompts_for(5, 1)[0] * 3  # a common prefix: idle rows end up mapping the same cached pages
+        for i, p in enumerate(prompts_for(4, 4)):
+            engine.add_request(f"r{i}", prompt_token_ids=shared[:64] + p[:8], params=SamplingParams(max_tokens=30, n=2, temperature=0.8, seed=i, ignore_eos=True))
+        steps = 0
+        while engine.has_unfinished_requests():
+            engine.step()
+            st = engine.kv_stats()
+            for name in ("units_free", "units_mapped", "units_idle", "units_shared", "live_tokens", "used_bytes"):
+                assert getattr(st, name) >= 0, (name, st)
+            assert st.units_free <= st.units_total and st.units_mapped <= st.units_total
+            assert 0 <= st.units_mapped - st.units_idle <= st.units_total  # the server's pages_used gauge
+            steps += 1
+        assert engine.scheduler.num_preemptions > 0 and steps > 0
+    finally:
+        engine.close()

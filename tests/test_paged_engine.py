@@ -35,7 +35,7 @@ def test_paged_preemption_keeps_outputs_and_leaks_nothing(tiny_model):
     path = tiny_model("llama")
     prompts = prompts_for(12, 4)
     block = 4 * 2 * 2 * 16 * 4 * 2  # 4 tokens x 2 layers x (K, V) x 2 heads x 16 dims x fp32
-    with paged_llm(path, max_num_seqs=4, kv_cache_memory=24 * block, max_num_batched_tokens=64,
+    with paged_llm(path, max_num_seqs=4, kv_cache_memory=24 * block, max_num_batched_tokens=64, max_model_len=96,
                    enable_prefix_caching=False) as llm:
         outs = llm.generate(prompt_token_ids=prompts, sampling_params=greedy(16), use_tqdm=False)
         assert llm.engine.kv.num_blocks == 24 and llm.engine.scheduler.num_preemptions > 0
@@ -91,7 +91,7 @@ def test_paged_swap_preemption_keeps_outputs(tiny_model):
     path = tiny_model("llama")
     prompts = prompts_for(12, 4)
     block = 4 * 2 * 2 * 16 * 4 * 2
-    with paged_llm(path, max_num_seqs=4, kv_cache_memory=24 * block, max_num_batched_tokens=64,
+    with paged_llm(path, max_num_seqs=4, kv_cache_memory=24 * block, max_num_batched_tokens=64, max_model_len=96,
                    preemption_mode="swap", enable_prefix_caching=False) as llm:
         outs = llm.generate(prompt_token_ids=prompts, sampling_params=greedy(16), use_tqdm=False)
         assert llm.engine.scheduler.swapper.swapped_in_tokens > 0

@@ -139,7 +139,7 @@ def test_beam_search_under_a_tiny_pool_finishes_or_fails_cleanly(tiny_model):
     """Beams that cannot all fit never spin the engine: the search completes or its request is aborted."""
     path = tiny_model("llama")
     prompt = [(7 * i) % 400 + 3 for i in range(60)]
-    with make_llm(path, max_num_seqs=4, kv_cache_memory=3 * 4 * PAGE) as llm:
+    with make_llm(path, max_num_seqs=4, kv_cache_memory=3 * 4 * PAGE, max_model_len=96) as llm:
         out = llm.beam_search(prompt_token_ids=[prompt], beam_width=4, max_tokens=8, use_tqdm=False)[0]
         assert out.finished
         llm.engine.kv.reclaim_all()

@@ -70,6 +70,28 @@ class LLMEngine:
             block_size=config.block_size, background_mapping=config.background_mapping,
             enable_prefix_caching=config.enable_prefix_caching, attention_kernel=config.attention_kernel,
             kv_layout=config.kv_layout)
+        try:
+            self._fit_max_model_len(config)
+            self._finish_init(config)
+        except BaseException:  # a failed start must not keep the KV pool (85% of free GPU memory)
+            self.kv.close()
+            raise
+
+    def _fit_max_model_len(self, config: EngineConfig) -> None:
+        """A server must not advertise a length its KV pool cannot hold: refuse, or lower the default and say so."""
+        fits = self.kv.max_sequence_tokens
+        if fits >= self.max_model_len:
+            return
+        msg = (f"the KV cache ({config.kv_cache}, {self.kv.stats().units_total} units) holds at most {fits} tokens "
+               f"of one sequence, less than max_model_len={self.max_model_len}")
+        if config.max_model_len is not None:
+            raise ValueError(f"{msg}: raise kv_cache_memory or set max_model_len <= {fits}")
+        if fits < 2:
+            raise ValueError(f"{msg}: raise kv_cache_memory")
+        log.warning("%s: max_model_len lowered to %d", msg, fits)
+        self.max_model_len = self.kv.max_model_len = fits
+
+    def _finish_init(self, config: EngineConfig) -> None:
         swapper = None
         mode = config.preemption_mode or ("swap" if self.device.type == "cuda" else "recompute")
         if mode == "swap":

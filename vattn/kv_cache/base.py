@@ -94,6 +94,11 @@ class KVCacheManager(ABC):
     @abstractmethod
     def stats(self) -> KVStats: ...
 
+    @property
+    @abstractmethod
+    def max_sequence_tokens(self) -> int:
+        """The most tokens one sequence could hold with the whole pool to itself."""
+
     @abstractmethod
     def read_tokens(self, seq: Sequence, n: int) -> list[torch.Tensor]:
         """Host copies of the K/V of `seq`'s first n tokens: one tensor [n, ...] per cache tensor."""

@@ -63,6 +63,11 @@ class PagedKVCache(KVCacheManager):
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
+    @property
+    def max_sequence_tokens(self) -> int:
+        """The most tokens one sequence could hold with the whole pool to itself."""
+        return self.num_blocks * self.block_size
+
     def block_table(self, seq: Sequence) -> list[int]:
         return self.tables[seq.seq_id]
 

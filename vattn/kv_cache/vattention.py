@@ -58,19 +58,11 @@ class VAttentionKVCache(KVCacheManager):
         self.max_model_len = max_model_len
         self.pages_per_slot = self.slot_len * self.token_bytes // page
         self.max_num_seqs = max_num_seqs
-        self.pool = PagePool(self.backend, memory_bytes)
-        rows = (max_num_seqs, self.slot_len)
-        if layout == "per_layer":  # one K and one V tensor per layer: a page holds one layer's K (or V) of tokens
-            self.tensors = [VirtualTensor(self.pool, (*rows, num_kv_heads, head_dim), dtype)
-                            for _ in range(2 * num_layers)]
-            k_views = [t.tensor for t in self.tensors[:num_layers]]
-            v_views = [t.tensor for t in self.tensors[num_layers:]]
-        else:  # one tensor [slot, token, layer, k|v, head, dim]: a page holds every layer of a few tokens
-            self.tensors = [VirtualTensor(self.pool, (*rows, num_layers, 2, num_kv_heads, head_dim), dtype)]
-            whole = self.tensors[0].tensor
-            k_views = [whole[:, :, layer, 0] for layer in range(num_layers)]  # strided views, no copy
-            v_views = [whole[:, :, layer, 1] for layer in range(num_layers)]
-        self._attn = ContiguousAttention(k_views, v_views, scale=head_dim ** -0.5, kernel=attention_kernel)
+        try:
+            self._build(num_layers, num_kv_heads, head_dim, dtype, memory_bytes, attention_kernel, layout)
+        except BaseException:  # release what was created: a failed start must not keep the pool
+            self.close()
+            raise
         self.slots = SlotTable(max_num_seqs)
         self.lock = threading.RLock()  # the background mapper takes it per row; every public method holds it
         self.map_wait_seconds = 0.0
@@ -83,6 +75,27 @@ class VAttentionKVCache(KVCacheManager):
             else None
         self._registered: dict[int, int] = {}  # seq_id -> leading full pages already offered to the prefix cache
 
+    def _build(self, num_layers, num_kv_heads, head_dim, dtype, memory_bytes, attention_kernel, layout) -> None:
+        self.tensors: list[VirtualTensor] = []
+        self.pool = PagePool(self.backend, memory_bytes)
+        num_tensors = 2 * num_layers if layout == "per_layer" else 1
+        if self.pool.num_pages < num_tensors:
+            raise ValueError(f"kv_cache_memory={memory_bytes} bytes holds {self.pool.num_pages} pages of "
+                             f"{self.page_size} bytes, but a token needs a page in each of the {num_tensors} KV "
+                             f"tensors: give at least {num_tensors * self.page_size} bytes")
+        rows = (self.max_num_seqs, self.slot_len)
+        if layout == "per_layer":  # one K and one V tensor per layer: a page holds one layer's K (or V) of tokens
+            self.tensors = [VirtualTensor(self.pool, (*rows, num_kv_heads, head_dim), dtype)
+                            for _ in range(2 * num_layers)]
+            k_views = [t.tensor for t in self.tensors[:num_layers]]
+            v_views = [t.tensor for t in self.tensors[num_layers:]]
+        else:  # one tensor [slot, token, layer, k|v, head, dim]: a page holds every layer of a few tokens
+            self.tensors = [VirtualTensor(self.pool, (*rows, num_layers, 2, num_kv_heads, head_dim), dtype)]
+            whole = self.tensors[0].tensor
+            k_views = [whole[:, :, layer, 0] for layer in range(num_layers)]  # strided views, no copy
+            v_views = [whole[:, :, layer, 1] for layer in range(num_layers)]
+        self._attn = ContiguousAttention(k_views, v_views, scale=head_dim ** -0.5, kernel=attention_kernel)
+
     # -- sizes ---------------------------------------------------------------------------------
     def pages_for(self, num_tokens: int) -> int:
         """Pages (per tensor) a row needs to hold `num_tokens` tokens."""
@@ -91,6 +104,12 @@ class VAttentionKVCache(KVCacheManager):
     @property
     def tokens_per_page(self) -> float:
         return self.page_size / self.token_bytes
+
+    @property
+    def max_sequence_tokens(self) -> int:
+        """The most tokens one sequence could hold with the whole pool to itself."""
+        units = self.pool.num_pages // len(self.tensors)
+        return min(self.slot_len, units * self.page_size // self.token_bytes)
 
     def slot(self, seq: Sequence) -> int:
         return self.slots.slot_of[seq.seq_id]
@@ -374,14 +393,19 @@ class VAttentionKVCache(KVCacheManager):
             )
 
     def close(self) -> None:
-        if self._executor is not None:
+        """Unmap and release everything; safe on a half-built cache and when called twice."""
+        if getattr(self, "_executor", None) is not None:
             self._drain()
             self._executor.shutdown(wait=True)
             self._executor = None
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # nothing may still read a page we unmap
-        for t in self.tensors:
+        for t in getattr(self, "tensors", []):
             t.close()
         self.tensors = []
-        self.pool.close()
-        self.backend.close()
+        if getattr(self, "pool", None) is not None:
+            self.pool.close()
+            self.pool = None
+        if self.backend is not None:
+            self.backend.close()
+            self.backend = None
