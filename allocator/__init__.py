@@ -8,7 +8,7 @@ share, copy-on-write and unmap them on demand. Backends: "host" (mmap + memfd) a
 """
 
 from .backend import Backend
-from .batch import map_many, unmap_many
+from .batch import copy_on_write_many, map_many, unmap_many
 from .errors import AllocatorError, MappingError, PoolExhaustedError
 from .factory import open_backend
 from .pool import PagePool
@@ -23,6 +23,7 @@ __all__ = [
     "PagePool",
     "PoolExhaustedError",
     "VirtualTensor",
+    "copy_on_write_many",
     "map_many",
     "open_backend",
     "unmap_many",

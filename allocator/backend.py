@@ -72,9 +72,20 @@ class Backend(ABC):
     def copy(self, dst: int, src: int, nbytes: int) -> None:
         """Copy bytes between two mapped addresses; complete when it returns."""
 
+    def copy_many(self, copies: Sequence[tuple[int, int, int]]) -> None:
+        """Several copies `(dst, src, nbytes)`, all complete when it returns (CUDA: one synchronization for the
+        batch, not one per copy)."""
+        for dst, src, nbytes in copies:
+            self.copy(dst, src, nbytes)
+
+    def synchronize(self) -> None:
+        """Wait until no queued work on the device can still touch its memory (host: nothing to wait for)."""
+        return None
+
     @abstractmethod
-    def tensor(self, addr: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """A torch tensor of this shape/dtype whose storage is the memory at addr (no copy)."""
+    def tensor(self, addr: int, shape: tuple[int, ...], dtype: torch.dtype, owner: object = None) -> torch.Tensor:
+        """A torch tensor of this shape/dtype whose storage is the memory at addr (no copy). The tensor and
+        every view of it keep `owner` alive (the VirtualTensor the range belongs to)."""
 
     def make_current(self) -> None:
         """Prepare the calling thread to use this backend (CUDA: set the primary context)."""

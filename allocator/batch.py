@@ -1,10 +1,10 @@
-"""map_many / unmap_many: the same virtual page range in many tensors at once (e.g. K and V of
-every layer), all or nothing."""
+"""map_many / unmap_many / copy_on_write_many: the same virtual pages in many tensors at once (e.g. K and V of
+every layer)."""
 
 from collections.abc import Sequence
 
 from .errors import MappingError
-from .virtual_tensor import VirtualTensor
+from .virtual_tensor import VirtualTensor, copy_on_write_pages
 
 
 def _check_tensors(what: str, tensors: Sequence[VirtualTensor]):
@@ -56,3 +56,19 @@ def unmap_many(tensors: Sequence[VirtualTensor], first: int, count: int = 1) -> 
             t.check_can_unmap(f"unmap_many (tensors[{i}])", first, count)
         for t in tensors:
             t._unmap_range(first, count)
+
+
+def copy_on_write_many(tensors: Sequence[VirtualTensor], vpages: Sequence[int]) -> int:
+    """Make virtual pages `vpages` of every tensor private: each one whose physical page is shared gets a copy.
+    Returns the number of pages copied. One device synchronization for the whole batch (not one per page), so
+    call it once per step with every page about to be written. Checks every (tensor, page) before copying;
+    PoolExhaustedError, with nothing changed, if the pool has too few free pages for all the copies."""
+    tensors, pool = _check_tensors("copy_on_write_many", tensors)
+    vpages = list(vpages)
+    if len(set(vpages)) != len(vpages):
+        raise MappingError(f"copy_on_write_many: vpages {vpages} name a page more than once")
+    with pool.lock:
+        for i, t in enumerate(tensors):
+            for v in vpages:
+                t.check_can_unmap(f"copy_on_write_many (tensors[{i}])", v, 1)
+        return copy_on_write_pages(pool, [(t, v) for v in vpages for t in tensors])

@@ -6,9 +6,13 @@ per page plus one cuMemSetAccess over each contiguous range; unmapping is cuMemU
 All calls run in the device's primary context (the one torch uses); every entry point makes it
 current in the calling thread, and `make_current()` does so explicitly for a background thread.
 
+cuda-python (`cuda.bindings`) must have the CUDA major version of the torch build in use (torch
+2.11+cu130 -> cuda-bindings 13.x; a cu12x build -> 12.x), and the driver must be at least that
+major version: `check_cuda_versions` enforces both when the backend opens.
 `cuda.bindings` is imported only when this backend is opened.
 """
 
+import importlib.metadata
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -38,6 +42,85 @@ def check(driver, call: str, result: tuple):
     return rest[0] if len(rest) == 1 else rest
 
 
+# -- pure decisions (tested on CPU) ------------------------------------------------------------
+def _major(version: str, what: str) -> int:
+    try:
+        return int(str(version).strip().split(".")[0])
+    except ValueError:
+        raise AllocatorError(f"cannot read the major version of {what} from {version!r}") from None
+
+
+def check_cuda_versions(torch_cuda: str | None, bindings: str, driver: int | None = None) -> None:
+    """Fail clearly unless cuda-python's major version is torch's CUDA major version and the driver can run it.
+
+    torch_cuda: `torch.version.cuda` ("13.0"; None for a CPU-only build); bindings: the installed cuda-bindings
+    (or cuda-python) version ("13.4.4"); driver: `cuDriverGetVersion()` (13000 for CUDA 13.0), None if unknown.
+    Mismatched bindings load but fail in places (13.x bindings on a CUDA 12 driver), so refuse them up front.
+    """
+    if torch_cuda is None:
+        raise AllocatorError("cuda backend: this torch build has no CUDA (torch.version.cuda is None); "
+                             "install a CUDA build of torch or use the host backend")
+    want = _major(torch_cuda, "torch.version.cuda")
+    have = _major(bindings, "cuda-bindings")
+    if have != want:
+        raise AllocatorError(
+            f"cuda backend: cuda-bindings {bindings} does not match this torch build's CUDA {torch_cuda}; "
+            f"install the bindings of the same major version: pip install 'cuda-bindings=={want}.*'")
+    if driver is not None and driver // 1000 < have:
+        raise AllocatorError(
+            f"cuda backend: the NVIDIA driver supports CUDA {driver // 1000}.{driver % 1000 // 10}, older than "
+            f"cuda-bindings {bindings} (CUDA {have}) and torch's CUDA {torch_cuda}: upgrade the driver, or use a "
+            f"torch build and cuda-bindings for CUDA {driver // 1000}")
+
+
+def bindings_version() -> str:
+    """The installed cuda-bindings version (cuda-python before 12.6 shipped the bindings under its own name)."""
+    for dist in ("cuda-bindings", "cuda-python"):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    raise AllocatorError("cuda backend needs cuda-python: neither cuda-bindings nor cuda-python is installed")
+
+
+def check_page_size(page_size, granularity: int, ordinal: int = 0) -> int:
+    """A valid page size for a device whose allocation granularity is `granularity`: a positive int multiple of
+    it (the driver maps nothing smaller). Returns page_size."""
+    if not isinstance(page_size, int) or isinstance(page_size, bool) or page_size <= 0:
+        raise ValueError(f"page_size must be a positive int, got {page_size!r}")
+    if page_size % granularity:
+        raise ValueError(f"page_size={page_size} must be a multiple of the driver granularity "
+                         f"({granularity} bytes) on cuda:{ordinal}")
+    return page_size
+
+
+def reserve_alignment(page_size: int, granularity: int) -> int:
+    """Alignment for cuMemAddressReserve: a power of two (the driver refuses anything else), the largest one that
+    divides page_size, so every page starts on a boundary at least as coarse as the granularity."""
+    if granularity <= 0 or granularity & (granularity - 1):
+        raise AllocatorError(f"the driver reported an allocation granularity of {granularity}, not a power of two")
+    return page_size & -page_size
+
+
+def device_ordinal(device, current: int = 0) -> int:
+    """The CUDA ordinal of `device` (int, "cuda:1", torch.device or None for `current`)."""
+    if device is None:
+        return current
+    if isinstance(device, bool):
+        raise ValueError(f"device must be a CUDA device, got {device!r}")
+    if isinstance(device, int):
+        if device < 0:
+            raise ValueError(f"device must be a CUDA ordinal >= 0, got {device}")
+        return device
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be a CUDA device, got {device!r}") from None
+    if dev.type != "cuda":
+        raise ValueError(f"the cuda backend needs a CUDA device, got {dev}")
+    return current if dev.index is None else dev.index
+
+
 @dataclass
 class CudaPhysical:
     """Physical pages of the CUDA backend: one cuMemCreate handle per page."""
@@ -47,55 +130,63 @@ class CudaPhysical:
 
 
 class _DeviceArray:
-    """Exposes a device range through __cuda_array_interface__ so torch can wrap it."""
+    """Exposes a device range through __cuda_array_interface__ so torch can wrap it. torch keeps this object
+    alive as long as any view of the tensor, and this object keeps `owner` (the VirtualTensor) alive."""
 
-    def __init__(self, addr: int, nbytes: int):
+    def __init__(self, addr: int, nbytes: int, owner: object = None):
+        self.owner = owner
         self.__cuda_array_interface__ = {
             "shape": (nbytes,), "typestr": "|u1", "data": (addr, False), "strides": None, "version": 3,
         }
 
 
 class CudaBackend(Backend):
-    """Virtual memory on an NVIDIA GPU through the CUDA driver VMM API."""
+    """Virtual memory on an NVIDIA GPU through the CUDA driver VMM API.
+
+    device: an ordinal, "cuda:N" or torch.device (None: torch's current device). Pages are created on that
+    device and every call runs in its primary context.
+    """
 
     name = "cuda"
 
-    def __init__(self, page_size: int | None = None, device: int | None = None):
+    def __init__(self, page_size: int | None = None, device=None):
         drv = _driver()
         self._drv = drv
+        current = torch.cuda.current_device() if torch.cuda.is_available() else 0
+        self.ordinal = device_ordinal(device, current)
         try:
             init = drv.cuInit(0)
+            err, driver_version = drv.cuDriverGetVersion()
         except Exception as e:  # the bindings raise when libcuda itself cannot be loaded
             raise AllocatorError(f"cuInit failed: no usable CUDA driver ({e})") from e
+        ok = err == drv.CUresult.CUDA_SUCCESS
+        check_cuda_versions(torch.version.cuda, bindings_version(), int(driver_version) if ok else None)
         check(drv, "cuInit", init)
-        if device is None:
-            device = torch.cuda.current_device() if torch.cuda.is_available() else 0
-        self.ordinal = int(device)
+        count = check(drv, "cuDeviceGetCount", drv.cuDeviceGetCount())
+        if self.ordinal >= count:
+            raise ValueError(f"device cuda:{self.ordinal} does not exist ({count} CUDA device(s) visible)")
         self._dev = check(drv, f"cuDeviceGet({self.ordinal})", drv.cuDeviceGet(self.ordinal))
         self._ctx = check(drv, "cuDevicePrimaryCtxRetain", drv.cuDevicePrimaryCtxRetain(self._dev))
-        self.make_current()
-
-        prop = drv.CUmemAllocationProp()
-        prop.type = drv.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
-        prop.location.type = drv.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
-        prop.location.id = self.ordinal
-        self._prop = prop
-        access = drv.CUmemAccessDesc()
-        access.location.type = drv.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
-        access.location.id = self.ordinal
-        access.flags = drv.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
-        self._access = [access]
-        self.granularity = int(check(drv, "cuMemGetAllocationGranularity", drv.cuMemGetAllocationGranularity(
-            prop, drv.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_MINIMUM)))
-
-        page_size = self.granularity if page_size is None else page_size
-        if not isinstance(page_size, int) or isinstance(page_size, bool) or page_size <= 0:
+        try:  # from here on a failure must give the retained context back
+            self.make_current()
+            prop = drv.CUmemAllocationProp()
+            prop.type = drv.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
+            prop.location.type = drv.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+            prop.location.id = self.ordinal
+            self._prop = prop
+            access = drv.CUmemAccessDesc()
+            access.location.type = drv.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+            access.location.id = self.ordinal
+            access.flags = drv.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
+            self._access = [access]
+            self.granularity = int(check(drv, "cuMemGetAllocationGranularity", drv.cuMemGetAllocationGranularity(
+                prop, drv.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_MINIMUM)))
+            page_size = check_page_size(self.granularity if page_size is None else page_size, self.granularity,
+                                        self.ordinal)
+            self.alignment = reserve_alignment(page_size, self.granularity)
+        except BaseException:
             self._release_ctx()
-            raise ValueError(f"page_size must be a positive int, got {page_size!r}")
-        if page_size % self.granularity:
-            self._release_ctx()
-            raise ValueError(f"page_size={page_size} must be a multiple of the driver granularity "
-                             f"({self.granularity} bytes) on cuda:{self.ordinal}")
+            raise
         super().__init__(page_size, torch.device("cuda", self.ordinal))
 
     def make_current(self) -> None:
@@ -129,8 +220,8 @@ class CudaBackend(Backend):
     def reserve(self, nbytes: int) -> int:
         self.check_open("reserve")
         self.make_current()
-        ptr = check(self._drv, f"cuMemAddressReserve({nbytes})",
-                    self._drv.cuMemAddressReserve(nbytes, self.page_size, 0, 0))
+        ptr = check(self._drv, f"cuMemAddressReserve({nbytes}, alignment={self.alignment})",
+                    self._drv.cuMemAddressReserve(nbytes, self.alignment, 0, 0))
         self._live_reservations += 1
         return int(ptr)
 
@@ -162,18 +253,36 @@ class CudaBackend(Backend):
             check(self._drv, f"cuMemUnmap({addr + i * ps:#x})", self._drv.cuMemUnmap(addr + i * ps, ps))
 
     def copy(self, dst: int, src: int, nbytes: int) -> None:
-        """Device-to-device copy; synchronizes the context before and after (copy-on-write is rare)."""
+        self.copy_many([(dst, src, nbytes)])
+
+    def copy_many(self, copies: Sequence[tuple[int, int, int]]) -> None:
+        """Device-to-device copies, complete on return: one context-wide synchronize before (kernels still
+        using the sources finish), the copies queued on the default stream, one synchronize after."""
+        if not copies:
+            return
         self.make_current()
-        drv = self._drv
+        drv, stream = self._drv, self._drv.CUstream(0)
         check(drv, "cuCtxSynchronize", drv.cuCtxSynchronize())
-        check(drv, f"cuMemcpyDtoD({dst:#x}, {src:#x}, {nbytes})", drv.cuMemcpyDtoD(dst, src, nbytes))
+        for dst, src, nbytes in copies:
+            check(drv, f"cuMemcpyDtoDAsync({dst:#x}, {src:#x}, {nbytes})",
+                  drv.cuMemcpyDtoDAsync(dst, src, nbytes, stream))
         check(drv, "cuCtxSynchronize", drv.cuCtxSynchronize())
 
-    def tensor(self, addr: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    def synchronize(self) -> None:
+        self.make_current()
+        check(self._drv, "cuCtxSynchronize", self._drv.cuCtxSynchronize())
+
+    def tensor(self, addr: int, shape: tuple[int, ...], dtype: torch.dtype, owner: object = None) -> torch.Tensor:
         nbytes = torch.empty((), dtype=dtype).element_size()
         for d in shape:
             nbytes *= d
-        raw = torch.as_tensor(_DeviceArray(addr, nbytes), device=self.device)
+        try:  # an explicit device index: torch builds the tensor without looking the (unmapped) pointer up
+            raw = torch.as_tensor(_DeviceArray(addr, nbytes, owner), device=self.device)
+        except RuntimeError as e:
+            raise AllocatorError(
+                f"torch {torch.__version__} cannot build a CUDA tensor over an unmapped reservation at {addr:#x} "
+                f"({e}); the cuda backend needs a torch whose __cuda_array_interface__ import honours an explicit "
+                "device index (torch >= 2.11, see pyproject.toml)") from e
         return raw.view(dtype).view(shape)
 
     def _release_ctx(self) -> None:

@@ -98,9 +98,10 @@ class HostBackend(Backend):
     def copy(self, dst: int, src: int, nbytes: int) -> None:
         ctypes.memmove(dst, src, nbytes)
 
-    def tensor(self, addr: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    def tensor(self, addr: int, shape: tuple[int, ...], dtype: torch.dtype, owner: object = None) -> torch.Tensor:
         nbytes = _nbytes(shape, dtype)
         buf = (ctypes.c_uint8 * nbytes).from_address(addr)
+        buf.owner = owner  # torch.frombuffer keeps buf alive as long as any view of the tensor
         return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).view(shape)
 
 

@@ -35,7 +35,6 @@ class PagePool:
         self.backend = backend
         self.page_size = backend.page_size
         self.num_pages = num_pages
-        self.phys = backend.create_physical(num_pages)
         self.lock = threading.RLock()
         self.counters = Counters()
         self.closed = False
@@ -43,7 +42,9 @@ class PagePool:
         self._free = list(range(num_pages))  # a sorted list is already a valid heap
         self._num_shared = 0
         self._tensors: dict[int, object] = {}  # id -> open VirtualTensor
-        self._scratch: int | None = None  # one reserved page for copy-on-write
+        self._scratch: int | None = None  # a reservation used to stage copy-on-write copies
+        self._scratch_pages = 0
+        self.phys = backend.create_physical(num_pages)  # last: nothing after it can fail and leak the pages
 
     # -- public state -------------------------------------------------------------------
     @property
@@ -118,10 +119,15 @@ class PagePool:
         elif rc == 1:
             heapq.heappush(self._free, page_id)
 
-    def scratch(self) -> int:
-        """Address of a one-page reservation used as a staging area (copy-on-write)."""
-        if self._scratch is None:
-            self._scratch = self.backend.reserve(self.page_size)
+    def scratch(self, num_pages: int = 1) -> int:
+        """Address of a reservation of at least `num_pages` pages used as a staging area (copy-on-write); it
+        grows by doubling and lives until close()."""
+        if self._scratch_pages < num_pages:
+            size = max(num_pages, 2 * self._scratch_pages)
+            addr = self.backend.reserve(size * self.page_size)
+            if self._scratch is not None:
+                self.backend.free_reservation(self._scratch, self._scratch_pages * self.page_size)
+            self._scratch, self._scratch_pages = addr, size
         return self._scratch
 
     def register(self, tensor) -> None:
@@ -145,8 +151,8 @@ class PagePool:
             if self.num_free != self.num_pages:
                 raise AllocatorError(f"internal: {self.num_used} page(s) still used after closing all tensors")
             if self._scratch is not None:
-                self.backend.free_reservation(self._scratch, self.page_size)
-                self._scratch = None
+                self.backend.free_reservation(self._scratch, self._scratch_pages * self.page_size)
+                self._scratch, self._scratch_pages = None, 0
             self.backend.release_physical(self.phys)
             self.closed = True
 

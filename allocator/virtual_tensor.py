@@ -51,7 +51,7 @@ class VirtualTensor:
             pool.check_open("VirtualTensor")
             self.address = self.backend.reserve(self.reserved_bytes)
             try:
-                self._tensor = self.backend.tensor(self.address, self.shape, dtype)
+                self._tensor = self.backend.tensor(self.address, self.shape, dtype, owner=self)
             except BaseException:
                 self.backend.free_reservation(self.address, self.reserved_bytes)
                 raise
@@ -138,41 +138,23 @@ class VirtualTensor:
             self._unmap_range(first, count)
 
     def copy_on_write(self, vpage: int) -> bool:
-        """If the page at `vpage` is shared, give this tensor a private copy; True if it copied."""
+        """If the page at `vpage` is shared, give this tensor a private copy; True if it copied.
+        (copy_on_write_many does many pages, of many tensors, with one device synchronization.)"""
         with self.pool.lock:
             self.check_can_unmap("copy_on_write", vpage, 1)
-            old = self._pages[vpage]
-            if self.pool.refcount(old) < 2:
-                return False
-            (new,) = self.pool.take(1)
-            backend, ps, addr = self.backend, self.page_size, self.address + vpage * self.page_size
-            try:
-                scratch = self.pool.scratch()
-                self._timed_map(scratch, [new])
-                try:
-                    backend.copy(scratch, addr, ps)
-                finally:
-                    self._timed_unmap(scratch, 1)
-            except BaseException:
-                self.pool.decref(new)
-                raise
-            try:
-                self._timed_map(addr, [new], remap=True)
-            except BaseException:
-                self.pool.decref(new)
-                self.backend.remap(addr, self.pool.phys, [old])  # put the shared page back
-                raise
-            self._pages[vpage] = new
-            self.pool.decref(old)
-            self.counters.cow_copies += 1
-            self.pool.counters.cow_copies += 1
-            return True
+            return copy_on_write_pages(self.pool, [(self, vpage)]) == 1
 
     def close(self) -> None:
-        """Unmap every page and free the reservation. Idempotent."""
+        """Unmap every page and free the reservation. Idempotent.
+
+        Waits for the device first (nothing queued may still read a page). Afterwards `tensor` raises, and a
+        write through a view taken before close() raises RuntimeError instead of touching freed memory (where
+        torch offers that); a read through such a view still faults: drop views before closing.
+        """
         with self.pool.lock:
             if self.closed:
                 return
+            self.backend.synchronize()
             vpages, i = sorted(self._pages), 0
             while i < len(vpages):  # unmap runs of consecutive virtual pages, one backend call each
                 n = 1
@@ -182,6 +164,7 @@ class VirtualTensor:
                 i += n
             self.backend.free_reservation(self.address, self.reserved_bytes)
             self.pool.unregister(self)
+            _forbid_writes(self._tensor)
             self._tensor = None
             self.closed = True
 
@@ -223,22 +206,10 @@ class VirtualTensor:
 
     # -- backend calls with bookkeeping (caller holds the pool lock) ----------------------
     def _timed_map(self, addr: int, ids: list[int], remap: bool = False) -> None:
-        t0 = time.perf_counter()
-        (self.backend.remap if remap else self.backend.map)(addr, self.pool.phys, ids)
-        dt = time.perf_counter() - t0
-        for c in (self.counters, self.pool.counters):
-            c.map_calls += 1
-            c.map_seconds += dt
-            c.pages_mapped += len(ids)
+        _map_timed(self.pool, addr, ids, (self.counters, self.pool.counters), remap)
 
     def _timed_unmap(self, addr: int, count: int) -> None:
-        t0 = time.perf_counter()
-        self.backend.unmap(addr, count)
-        dt = time.perf_counter() - t0
-        for c in (self.counters, self.pool.counters):
-            c.unmap_calls += 1
-            c.unmap_seconds += dt
-            c.pages_unmapped += count
+        _unmap_timed(self.pool, addr, count, (self.counters, self.pool.counters))
 
     def _map_ids(self, first: int, ids: list[int]) -> None:
         self._timed_map(self.address + first * self.page_size, ids)
@@ -253,3 +224,77 @@ class VirtualTensor:
 
 def _short(items: list[int], limit: int = 8) -> str:
     return str(items) if len(items) <= limit else f"{items[:limit]} ... ({len(items)} in all)"
+
+
+def _map_timed(pool: PagePool, addr: int, ids: list[int], counters, remap: bool = False) -> None:
+    t0 = time.perf_counter()
+    (pool.backend.remap if remap else pool.backend.map)(addr, pool.phys, ids)
+    dt = time.perf_counter() - t0
+    for c in counters:
+        c.map_calls += 1
+        c.map_seconds += dt
+        c.pages_mapped += len(ids)
+
+
+def _unmap_timed(pool: PagePool, addr: int, count: int, counters) -> None:
+    t0 = time.perf_counter()
+    pool.backend.unmap(addr, count)
+    dt = time.perf_counter() - t0
+    for c in counters:
+        c.unmap_calls += 1
+        c.unmap_seconds += dt
+        c.pages_unmapped += count
+
+
+def copy_on_write_pages(pool: PagePool, items: list[tuple["VirtualTensor", int]]) -> int:
+    """Give each (tensor, mapped vpage) whose page is shared a private copy; returns how many were copied.
+
+    The caller holds pool.lock and has checked that every vpage is mapped. Items are decided in order: a page
+    shared by exactly two of the items is copied for the first only. All copies go through one staging range
+    and one backend.copy_many (one device synchronization for the whole batch). PoolExhaustedError if the pool
+    lacks free pages for every copy, with nothing changed; after a backend failure the items already switched
+    keep their private copies and the rest keep their shared pages.
+    """
+    planned: dict[int, int] = {}
+    plan = []
+    for t, v in items:
+        old = t._pages[v]
+        if pool.refcount(old) - planned.get(old, 0) >= 2:
+            planned[old] = planned.get(old, 0) + 1
+            plan.append((t, v, old))
+    if not plan:
+        return 0
+    ps = pool.page_size
+    new = pool.take(len(plan))
+    try:  # fill the fresh pages through a staging range: map, copy, unmap
+        scratch = pool.scratch(len(plan))
+        _map_timed(pool, scratch, new, (pool.counters,))
+        try:
+            pool.backend.copy_many([(scratch + i * ps, t.address + v * ps, ps) for i, (t, v, _) in enumerate(plan)])
+        finally:
+            _unmap_timed(pool, scratch, len(plan), (pool.counters,))
+    except BaseException:
+        for pid in new:
+            pool.decref(pid)
+        raise
+    for i, ((t, v, old), pid) in enumerate(zip(plan, new)):  # then swap each copy in where the shared page was
+        addr = t.address + v * ps
+        try:
+            _map_timed(pool, addr, [pid], (t.counters, pool.counters), remap=True)
+        except BaseException:
+            for rest in new[i:]:
+                pool.decref(rest)
+            pool.backend.remap(addr, pool.phys, [old])  # put the shared page back
+            raise
+        t._pages[v] = pid
+        pool.decref(old)
+        t.counters.cow_copies += 1
+        pool.counters.cow_copies += 1
+    return len(plan)
+
+
+def _forbid_writes(tensor: torch.Tensor | None) -> None:
+    """Make writes through any view of `tensor` raise (torch's flag on the shared storage), where torch has it."""
+    forbid = getattr(torch._C, "_set_throw_on_mutable_data_ptr", None)
+    if tensor is not None and forbid is not None:
+        forbid(tensor)

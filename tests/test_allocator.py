@@ -1,6 +1,11 @@
 """Allocator behaviour on the host backend, over real mmap/memfd memory."""
 
+import gc
+import subprocess
+import sys
+import textwrap
 import threading
+import weakref
 
 import pytest
 import torch
@@ -11,6 +16,7 @@ from allocator import (
     PagePool,
     PoolExhaustedError,
     VirtualTensor,
+    copy_on_write_many,
     map_many,
     open_backend,
     unmap_many,
@@ -309,3 +315,125 @@ def test_background_thread_maps_while_main_thread_reads(pool):
     assert not errors
     assert vt.mapped_pages() == list(range(16)) and pool.num_free == 0
     assert [int(vt.tensor[v, -1]) for v in range(8, 16)] == list(range(8, 16))
+
+
+def count_calls(monkeypatch, obj, name):
+    """Count calls of obj.name, which still runs."""
+    calls = []
+    real = getattr(obj, name)
+
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(obj, name, counted)
+    return calls
+
+
+def test_copy_on_write_many_copies_every_shared_page_in_one_batch(pool, monkeypatch):
+    layers = [paged(pool, pages=4) for _ in range(3)]
+    forks = [paged(pool, pages=4) for _ in range(3)]
+    for i, (t, f) in enumerate(zip(layers, forks)):
+        ids = t.map(0, 3)
+        t.tensor[:3].fill_(10 * i)
+        t.tensor[:3, 0] = torch.arange(3, dtype=torch.int32) + 100 * i
+        for v in (0, 1):  # pages 0 and 1 shared with the fork; page 2 private
+            f.map_shared(v, ids[v])
+    batches = count_calls(monkeypatch, pool.backend, "copy_many")
+    free = pool.num_free
+    assert copy_on_write_many(forks, [0, 1]) == 6
+    assert len(batches) == 1 and len(batches[0][0]) == 6  # one batch (one device sync on cuda), not one per page
+    assert pool.num_free == free - 6 and pool.num_shared == 0 and pool.stats().cow_copies == 6
+    for t, f in zip(layers, forks):
+        assert all(f.page_at(v) != t.page_at(v) and pool.refcount(f.page_at(v)) == 1 for v in (0, 1))
+        assert torch.equal(f.tensor[:2], t.tensor[:2])  # contents copied
+        f.tensor[:2].fill_(-1)
+        assert int(t.tensor[:2].min()) >= 0  # the originals are untouched
+    assert copy_on_write_many(forks, [0, 1]) == 0 and len(batches) == 1  # private now: nothing to do
+    assert copy_on_write_many(layers, [2]) == 0
+
+
+def test_copy_on_write_many_decides_in_order_and_checks_first(pool):
+    a, b, c = paged(pool, pages=2), paged(pool, pages=2), paged(pool, pages=2)
+    (pid,) = a.map(0)
+    b.map_shared(0, pid)
+    assert copy_on_write_many([a, b], [0]) == 1  # a copies; then b holds the only mapping left
+    assert a.page_at(0) != pid and b.page_at(0) == pid and pool.refcount(pid) == 1
+    c.map_shared(0, pid)
+    c.map(1)
+    before = (pool.num_free, a.page_at(0), b.page_at(0), c.page_at(0))
+    with pytest.raises(MappingError, match=r"tensors\[1\].*\[1\] not mapped"):
+        copy_on_write_many([c, a], [0, 1])
+    with pytest.raises(MappingError, match="more than once"):
+        copy_on_write_many([c], [0, 0])
+    assert (pool.num_free, a.page_at(0), b.page_at(0), c.page_at(0)) == before
+
+
+def test_copy_on_write_many_exhaustion_changes_nothing(pool):
+    a, b = paged(pool, pages=8), paged(pool, pages=8)
+    ids = a.map(0, 8)
+    for v in range(8):
+        b.map_shared(v, ids[v])
+    filler = paged(pool, pages=8)
+    filler.map(0, 7)  # one free page left, eight copies needed
+    with pytest.raises(PoolExhaustedError, match=r"8 page\(s\) requested, 1 of 16 free"):
+        copy_on_write_many([b], list(range(8)))
+    assert pool.num_free == 1 and all(b.page_at(v) == ids[v] for v in range(8)) and pool.num_shared == 8
+    filler.unmap(0, 7)
+    assert copy_on_write_many([b], list(range(8))) == 8 and pool.num_shared == 0
+
+
+def test_a_view_keeps_its_virtual_tensor_alive(pool):
+    vt = paged(pool, pages=2)
+    vt.map(0)
+    view = vt.tensor[0, :4]
+    ref = weakref.ref(vt)
+    vt.close()  # the pool forgets it; only the view still reaches it
+    del vt
+    gc.collect()
+    assert ref() is not None
+    del view
+    gc.collect()
+    assert ref() is None
+
+
+def test_failed_tensor_construction_gives_the_reservation_back(pool, monkeypatch):
+    backend = pool.backend
+    live = backend._live_reservations
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected: cannot build the tensor")
+
+    monkeypatch.setattr(backend, "tensor", broken)
+    with pytest.raises(RuntimeError, match="injected"):
+        paged(pool)
+    assert backend._live_reservations == live and not pool.tensors
+
+
+def test_use_after_close_is_a_python_error():
+    """A write through a view kept past close() raises instead of touching freed memory (in a subprocess: if it
+    did touch it, the process would die)."""
+    code = textwrap.dedent("""
+        import torch
+        from allocator import AllocatorError, PagePool, VirtualTensor, open_backend
+        b = open_backend("host", page_size=64 * 1024)
+        p = PagePool(b, 4 * 64 * 1024)
+        vt = VirtualTensor(p, shape=(2, 64 * 1024), dtype=torch.uint8)
+        vt.map(0)
+        view = vt.tensor[0]
+        view.fill_(1)
+        vt.close()
+        try:
+            vt.tensor
+        except AllocatorError as e:
+            print("tensor:", e, flush=True)
+        try:
+            view.fill_(2)
+        except RuntimeError as e:
+            print("write:", str(e)[:60], flush=True)
+        print("survived", flush=True)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    assert "tensor: VirtualTensor.tensor: the tensor is closed" in proc.stdout
+    assert "write: Cannot access data pointer" in proc.stdout and "survived" in proc.stdout

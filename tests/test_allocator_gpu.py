@@ -8,7 +8,16 @@ import threading
 import pytest
 import torch
 
-from allocator import MappingError, PagePool, PoolExhaustedError, VirtualTensor, map_many, open_backend
+from allocator import (
+    AllocatorError,
+    MappingError,
+    PagePool,
+    PoolExhaustedError,
+    VirtualTensor,
+    copy_on_write_many,
+    map_many,
+    open_backend,
+)
 
 pytestmark = [
     pytest.mark.gpu,
@@ -123,3 +132,70 @@ def test_touching_unmapped_memory_fails_the_process():
     assert "mapped ok" in proc.stdout and "survived" not in proc.stdout
     assert proc.returncode != 0
     assert "illegal" in proc.stderr.lower() or "fault" in proc.stderr.lower(), proc.stderr[-2000:]
+
+
+def test_versions_match_and_the_tensor_is_built_over_an_unmapped_reservation():
+    from allocator.cuda import bindings_version, check_cuda_versions
+
+    check_cuda_versions(torch.version.cuda, bindings_version())  # the installed stack is consistent
+    with open_backend("cuda") as backend, PagePool(backend, 2 * backend.page_size) as pool:
+        vt = VirtualTensor(pool, shape=(4, backend.page_size), dtype=torch.uint8)  # nothing mapped yet
+        assert vt.tensor.device == backend.device and vt.tensor.data_ptr() == vt.address
+
+
+def test_page_size_not_a_power_of_two():
+    """3 x granularity: reserved with a power-of-two alignment; mapping, writing and copy-on-write work."""
+    probe = open_backend("cuda")
+    gran = probe.granularity
+    probe.close()
+    with open_backend("cuda", page_size=3 * gran) as backend, PagePool(backend, 4 * backend.page_size) as pool:
+        assert backend.alignment == gran
+        a = VirtualTensor(pool, shape=(3, backend.page_size), dtype=torch.uint8)
+        b = VirtualTensor(pool, shape=(3, backend.page_size), dtype=torch.uint8)
+        assert a.address % gran == 0
+        ids = a.map(0, 2)
+        a.tensor[:2].fill_(5)
+        b.map_shared(1, ids[1])
+        assert copy_on_write_many([b], [1]) == 1
+        b.tensor[1].fill_(6)
+        torch.cuda.synchronize()
+        assert int(a.tensor[1, -1]) == 5 and int(b.tensor[1, -1]) == 6
+    with pytest.raises(ValueError, match="multiple of the driver granularity"):
+        open_backend("cuda", page_size=gran + gran // 2)
+
+
+def test_batched_copy_on_write_on_the_device(pool):
+    layers = [paged(pool, pages=1) for _ in range(2)]
+    forks = [paged(pool, pages=1) for _ in range(2)]
+    for i, (t, f) in enumerate(zip(layers, forks)):
+        (pid,) = t.map(0)
+        t.tensor[0].fill_(float(i + 1))
+        f.map_shared(0, pid)
+    assert copy_on_write_many(forks, [0]) == 2 and pool.num_shared == 0
+    for f in forks:
+        f.tensor[0].fill_(-1.0)
+    torch.cuda.synchronize()
+    assert [float(t.tensor[0, 3]) for t in layers] == [1.0, 2.0]
+
+
+def test_device_index_is_honoured():
+    last = torch.cuda.device_count() - 1
+    with open_backend("cuda", device=f"cuda:{last}") as backend, PagePool(backend, backend.page_size) as pool:
+        assert backend.ordinal == last and backend.device == torch.device("cuda", last)
+        vt = VirtualTensor(pool, shape=(backend.page_size // 4,), dtype=torch.float32)
+        vt.map(0)
+        vt.tensor.fill_(2.0)
+        assert vt.tensor.device.index == last and float(vt.tensor.sum()) == 2.0 * vt.tensor.numel()
+    with pytest.raises(ValueError, match="does not exist"):
+        open_backend("cuda", device=torch.cuda.device_count())
+
+
+def test_write_after_close_is_a_python_error(pool):
+    vt = paged(pool, pages=1)
+    vt.map(0)
+    view = vt.tensor[0]
+    vt.close()
+    with pytest.raises(AllocatorError, match="closed"):
+        _ = vt.tensor
+    with pytest.raises(RuntimeError, match="data pointer"):
+        view.fill_(1.0)

@@ -153,7 +153,7 @@ def test_vattn_default_llm_agrees_with_transformers(tokenizer, model):
     from vattn import LLM, SamplingParams
 
     prompts = ['The "assert" statement', "A for loop", "The import system"]
-    with LLM(kv_cache_memory=64 << 20) as llm:
+    with LLM(kv_cache_memory=64 << 20, device="cpu") as llm:
         assert Path(llm.engine.config.model) == MODEL_DIR
         outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)
         chat = llm.chat([{"role": "user", "content": "Explain assert in Python."}],

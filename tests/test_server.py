@@ -30,7 +30,7 @@ def model_dir(tiny_model_root):
 def server(model_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "server.log"  # kept, for post-mortems
     with RemoteServer(model_dir, "--max-num-seqs", "32", "--max-model-len", str(MAX_MODEL_LEN),
-                      "--kv-cache-memory", "16M", log_path=str(log)) as srv:
+                      "--kv-cache-memory", "16M", "--device", "cpu", log_path=str(log)) as srv:
         yield srv
 
 
@@ -81,7 +81,7 @@ def test_completion_matches_offline_engine(server, client, model_dir):
 
     prompt = "The quick brown fox"
     resp = client.completions.create(model=server.model_name, prompt=prompt, max_tokens=10, **GREEDY)
-    with LLM(model_dir, max_model_len=MAX_MODEL_LEN, max_num_seqs=2, kv_cache_memory=4 << 20) as llm:
+    with LLM(model_dir, max_model_len=MAX_MODEL_LEN, max_num_seqs=2, kv_cache_memory=4 << 20, device="cpu") as llm:
         ref = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True), use_tqdm=False)[0]
     assert resp.object == "text_completion" and resp.model == server.model_name and resp.id.startswith("cmpl-")
     assert resp.choices[0].text == ref.outputs[0].text

@@ -17,7 +17,7 @@ from vattn.server.async_engine import AsyncEngine, EngineError, RequestGroup
 @pytest.fixture
 def async_engine(tiny_model):
     engine = LLMEngine(EngineConfig(model=tiny_model("llama"), max_model_len=96, max_num_seqs=4,
-                                    kv_cache_memory=2 << 20))
+                                    kv_cache_memory=2 << 20, device="cpu"))
     ae = AsyncEngine(engine)
     ae.start()
     yield ae

@@ -23,7 +23,7 @@ def test_sigterm_shuts_down_cleanly_mid_stream(tiny_model):
 
     (SIGINT takes the same path through uvicorn and our handler.)"""
     srv = RemoteServer(tiny_model("llama"), "--kv-cache", "paged", "--max-model-len", "256",
-                       "--kv-cache-memory", "4M", "--shutdown-timeout", "2")
+                       "--kv-cache-memory", "4M", "--shutdown-timeout", "2", "--device", "cpu")
     try:
         client = srv.client()
         # the paged path serves too (and /metrics labels it)
@@ -100,9 +100,9 @@ def test_cli_generate_prints_what_the_library_generates(tiny_model):
 
     model = tiny_model("llama")
     res = _cli("generate", "--model", model, "--prompt", "Hello", "--prompt", "World", "--max-tokens", "6",
-               "--max-model-len", "64", "--kv-cache-memory", "2M", "--attention-kernel", "sdpa")
+               "--max-model-len", "64", "--kv-cache-memory", "2M", "--attention-kernel", "sdpa", "--device", "cpu")
     assert res.returncode == 0, res.stderr
-    with LLM(model, max_model_len=64, kv_cache_memory=2 << 20) as llm:
+    with LLM(model, max_model_len=64, kv_cache_memory=2 << 20, device="cpu") as llm:
         ref = llm.generate(["Hello", "World"], SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)
     assert res.stdout == "".join(o.outputs[0].text + "\n" for o in ref)
 
