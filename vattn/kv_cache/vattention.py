@@ -23,7 +23,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from allocator import PagePool, PoolExhaustedError, VirtualTensor, map_many, open_backend, unmap_many
+from allocator import (
+    PagePool,
+    PoolExhaustedError,
+    VirtualTensor,
+    copy_on_write_many,
+    map_many,
+    open_backend,
+    unmap_many,
+)
 from vattn.attention.contiguous import ContiguousAttention
 from vattn.attention.metadata import AttentionMetadata
 from vattn.kv_cache.base import NO_MATCH, KVCacheManager, KVStats, PrefixMatch
@@ -43,7 +51,11 @@ class VAttentionKVCache(KVCacheManager):
                  enable_prefix_caching: bool = True, layout: str = "per_layer"):
         if layout not in LAYOUTS:
             raise ValueError(f"kv layout must be one of {LAYOUTS}, got {layout!r}")
-        self.backend = open_backend("cuda" if device.type == "cuda" else "host", page_size=page_size)
+        device = torch.device(device)
+        if device.type == "cuda":  # pages are made on the asked device (cuda:1 is not cuda:0)
+            self.backend = open_backend("cuda", page_size=page_size, device=device.index or 0)
+        else:
+            self.backend = open_backend("host", page_size=page_size)
         self.page_size = page = self.backend.page_size
         self.device = device
         self.num_layers = num_layers
@@ -166,12 +178,12 @@ class VAttentionKVCache(KVCacheManager):
             if need > self._free_units():
                 self._reclaim(need - self._free_units(), keep=slot)
             base = slot * self.pages_per_slot
-            for p in written:
-                if p in shared:  # copy-on-write: a shared page is never written while shared
-                    for t in self.tensors:
-                        t.copy_on_write(base + p)
-                elif self.prefix is not None:
-                    self.prefix.forget(self._unit(slot, p))  # its content is about to change
+            if shared:  # copy-on-write: a shared page is never written while shared (one batch, one device sync)
+                copy_on_write_many(self.tensors, [base + p for p in shared])
+            if self.prefix is not None:
+                for p in written:
+                    if p not in shared:
+                        self.prefix.forget(self._unit(slot, p))  # its content is about to change
             if missing:
                 self._map(slot, missing)
             self.slots.live[slot] = max(self.slots.live[slot], num_tokens)
@@ -297,8 +309,7 @@ class VAttentionKVCache(KVCacheManager):
             for p in range(pages):
                 self._share_into(slot, p, self._unit(pslot, p))
             if copy_last:
-                for t in self.tensors:
-                    t.copy_on_write(slot * self.pages_per_slot + pages - 1)
+                copy_on_write_many(self.tensors, [slot * self.pages_per_slot + pages - 1])
             if self.prefix is not None:
                 full = n // self.tokens_per_full_page
                 self._registered[child.seq_id] = min(self._registered.get(parent.seq_id, 0), full)
@@ -400,6 +411,7 @@ class VAttentionKVCache(KVCacheManager):
             self._executor = None
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # nothing may still read a page we unmap
+        self._attn = None  # its K/V views must not outlive the mappings
         for t in getattr(self, "tensors", []):
             t.close()
         self.tensors = []
