@@ -179,7 +179,8 @@ class ServingContext:
 
 
 def check_not_aborted(out: RequestOutput) -> None:
-    if any(o.finish_reason == "abort" for o in out.outputs):
+    """A finished request that the engine aborted (an aborted beam search answers with no hypotheses at all)."""
+    if not out.outputs or any(o.finish_reason == "abort" for o in out.outputs):
         raise APIError("the engine aborted this request: it cannot fit in the KV cache with the current "
                        "settings (shorten the prompt or max_tokens, or give the server more KV memory)")
 
