@@ -99,7 +99,7 @@ def test_a_64k_stop_string_answers_fast_with_little_memory(server):
     assert grown < 150 << 20, f"the server grew by {grown / 2**20:.0f} MiB"
 
 
-@pytest.mark.parametrize("stop,what", [(["s%d" % i for i in range(17)], "at most 16 strings"),
+@pytest.mark.parametrize("stop,what", [([f"s{i}" for i in range(17)], "at most 16 strings"),
                                        (["x" * 70001], "at most 70000 characters")])
 def test_stop_strings_are_bounded(server, stop, what):
     r = server.post("/v1/completions", {"model": server.model_name, "prompt": "x", "max_tokens": 2, "stop": stop})
