@@ -461,3 +461,17 @@ def test_sigterm_drains_then_ends_the_rest_with_an_error(long_model):
     assert_openai_error(r, 503)
     assert "grace period" in r.json()["error"]["message"]
     assert "engine stopped, KV cache closed" in log
+
+
+def test_the_models_own_template_failing_is_a_clear_value_error():
+    """A model template's raise_exception(...) is about the conversation: ChatTemplateError (a ValueError, so a
+    400 from the server), its message the template's, with no exception repr."""
+    from tests.tiny_models import make_tokenizer
+    from vattn.chat_template import ChatTemplateError, encode_chat
+
+    tok = make_tokenizer()
+    template = "{% if messages[0].role != 'user' %}{{ raise_exception('the first message must be the user') }}{% endif %}"
+    with pytest.raises(ChatTemplateError, match="^chat template error: the first message must be the user$"):
+        encode_chat(tok, [{"role": "assistant", "content": "hi"}], chat_template=template)
+    with pytest.raises(ChatTemplateError, match=r"^chat template syntax error \(line 1\)"):
+        encode_chat(tok, [{"role": "user", "content": "hi"}], chat_template="{% if %}")
