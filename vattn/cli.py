@@ -18,8 +18,10 @@ import typing
 
 from vattn import config as config_module
 from vattn.config import EngineConfig
+from vattn.server.config import ServerConfig
 
-SIZE_FIELDS = ("kv_cache_memory", "page_size")  # bytes; accept 64K, 2M, 1G, 1.5G, 4096
+# bytes; accept 64K, 2M, 1G, 1.5G, 4096
+SIZE_FIELDS = ("kv_cache_memory", "page_size", "max_request_body_bytes", "chat_template_memory")
 CHOICES = {"kv_cache": config_module.KV_CACHE_KINDS, "dtype": config_module.DTYPES,
            "preemption_mode": config_module.PREEMPTION_MODES, "kv_layout": config_module.KV_LAYOUTS,
            "attention_kernel": sorted({k for ks in config_module.ATTENTION_KERNELS.values() for k in ks})}
@@ -34,6 +36,7 @@ HELP = {  # for fields whose line in config.py carries no comment
     "attention_kernel": "attention kernel: auto, or for vattention sdpa|torch_flash|flash_attn|triton, "
                         "for paged torch|triton|flash_attn",
 }
+_CLOSE_TIMEOUT = 5.0  # seconds, after the drain, for responses already ended to reach their clients
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
@@ -52,10 +55,10 @@ def parse_size(text: str) -> int:
     return int(value)
 
 
-def _field_comments() -> dict[str, str]:
-    """The trailing `# ...` comment of each field line in EngineConfig's source: our --help text."""
+def _field_comments(cls: type) -> dict[str, str]:
+    """The trailing `# ...` comment of each field line in the dataclass's source: our --help text."""
     comments = {}
-    for line in inspect.getsource(EngineConfig).splitlines():
+    for line in inspect.getsource(cls).splitlines():
         m = re.match(r"\s+(\w+):[^#]*#\s*(.+)$", line)
         if m:
             comments[m.group(1)] = m.group(2).strip()
@@ -72,13 +75,21 @@ def _base_type(hint):
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """One flag per EngineConfig field, with its type, default, choices and help."""
-    group = parser.add_argument_group("engine (EngineConfig)")
-    hints = typing.get_type_hints(EngineConfig)
-    comments = _field_comments()
-    for f in dataclasses.fields(EngineConfig):
+    _add_dataclass_args(parser.add_argument_group("engine (EngineConfig)"), EngineConfig)
+
+
+def add_server_args(parser: argparse.ArgumentParser) -> None:
+    """One flag per ServerConfig field: request bounds, locking, shutdown."""
+    _add_dataclass_args(parser.add_argument_group("server limits and locking (ServerConfig)"), ServerConfig)
+
+
+def _add_dataclass_args(group, cls: type) -> None:
+    hints = typing.get_type_hints(cls)
+    comments = _field_comments(cls)
+    for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = HELP.get(f.name) or comments.get(f.name) or f"EngineConfig.{f.name}"
+        help_text = HELP.get(f.name) or comments.get(f.name) or f"{cls.__name__}.{f.name}"
         kind = _base_type(hints[f.name])
         help_text = f"{help_text} (default: {default})".replace("%", "%%")
         kw: dict = dict(dest=f.name, default=default, help=help_text)
@@ -97,6 +108,10 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)})
 
 
+def server_config(args: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServerConfig)})
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vattn", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -111,8 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="model name clients must send and /v1/models lists (default: the model dir's basename)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                        help="logging level; info logs one line per finished request (default: info)")
-    serve.add_argument("--shutdown-timeout", type=float, default=5.0,
-                       help="seconds to let open connections finish after SIGINT/SIGTERM (default: 5)")
+    add_server_args(serve)
     add_engine_args(serve)
 
     gen = sub.add_parser("generate", help="generate text for a prompt, offline, and print it",
@@ -133,11 +147,28 @@ def serve(args: argparse.Namespace) -> int:
     from vattn.engine import LLMEngine
     from vattn.server import build_app
 
+    server_cfg = server_config(args)
     engine = LLMEngine(engine_config(args))
-    app = build_app(engine, args.served_model_name)
-    server = uvicorn.Server(uvicorn.Config(
+    app = build_app(engine, args.served_model_name, server_cfg)
+    async_engine = app.state.ctx.engine
+
+    class DrainingServer(uvicorn.Server):
+        """On SIGTERM/SIGINT: stop accepting, give running requests `shutdown_timeout` seconds, end the rest
+        with an OpenAI-style error (a stream: an error event and [DONE]), then let uvicorn close the rest."""
+
+        async def shutdown(self, sockets=None):
+            for listener in self.servers:
+                listener.close()
+            failed = await async_engine.drain(server_cfg.shutdown_timeout)
+            if failed:
+                logging.getLogger("vattn.server").warning(
+                    "shutdown: %d requests did not finish within %.1fs and were ended with an error",
+                    failed, server_cfg.shutdown_timeout)
+            await super().shutdown(sockets)
+
+    server = DrainingServer(uvicorn.Config(
         app, host=args.host, port=args.port, log_level=args.log_level, log_config=None,
-        access_log=args.log_level == "debug", timeout_graceful_shutdown=args.shutdown_timeout))
+        access_log=args.log_level == "debug", timeout_graceful_shutdown=_CLOSE_TIMEOUT))
     # uvicorn re-raises a caught SIGINT/SIGTERM once it has shut down, through the handler that was
     # installed before it started: make that one a no-op, so a requested shutdown exits 0.
     received = []
@@ -146,7 +177,7 @@ def serve(args: argparse.Namespace) -> int:
     try:
         server.run()
     finally:
-        app.state.ctx.engine.shutdown()  # no-op when the lifespan already did it
+        async_engine.shutdown()  # no-op when the lifespan already did it
     if received:
         logging.getLogger("vattn.server").info("shut down on %s", signal.Signals(received[0]).name)
     return 0 if server.started or received else 1

@@ -7,13 +7,12 @@ import time
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoTokenizer
 
 from vattn.beam_search import BeamSearch
 from vattn.config import EngineConfig
 from vattn.detokenizer import IncrementalDetokenizer
 from vattn.kv_cache import KVStats, create_kv_cache
-from vattn.loader import load_model
+from vattn.loader import load_model, load_tokenizer
 from vattn.model_runner import ModelRunner
 from vattn.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from vattn.sampler import Sampler, SamplingRow, token_logprobs
@@ -57,7 +56,7 @@ class LLMEngine:
         else:
             self.dtype = _DTYPES[config.dtype]
         torch.manual_seed(config.seed)
-        self.tokenizer = AutoTokenizer.from_pretrained(config.model)
+        self.tokenizer = load_tokenizer(config.model)
         self.model, self.spec = load_model(config.model, self.dtype, self.device)
         self.max_model_len = config.max_model_len or min(self.spec.max_position_embeddings, 4096)
         self.eos_token_ids = set(self.spec.eos_token_ids)

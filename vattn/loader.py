@@ -46,6 +46,30 @@ class ModelSpec:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype.itemsize
 
 
+# Files from which transformers can build a tokenizer; a directory needs at least one of these groups.
+TOKENIZER_FILES = (("tokenizer.json",), ("tokenizer.model",), ("vocab.json", "merges.txt"), ("tokenizer.tiktoken",),
+                   ("spiece.model",), ("vocab.txt",))
+
+
+def load_tokenizer(model_dir: str | Path):
+    """The Hugging Face tokenizer of `model_dir`; FileNotFoundError naming the files and the directory when it has
+    none (transformers would otherwise fail later, with a message about sentencepiece or tiktoken)."""
+    from transformers import AutoTokenizer
+
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model directory not found: {model_dir}")
+    if not any(all((path / f).is_file() for f in group) for group in TOKENIZER_FILES) and not any(
+            path.glob("*.tiktoken")):
+        expected = ", ".join(" + ".join(group) for group in TOKENIZER_FILES)
+        raise FileNotFoundError(f"the tokenizer files are missing from model directory {path}: expected one of "
+                                f"{expected} (with tokenizer_config.json)")
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError, ImportError) as exc:
+        raise ValueError(f"could not load the tokenizer of model directory {path}: {exc}") from exc
+
+
 def read_config(path: str | Path) -> dict:
     file = Path(path) / "config.json"
     if not file.is_file():

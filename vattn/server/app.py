@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from contextlib import asynccontextmanager
@@ -10,11 +11,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from vattn.engine import LLMEngine
-from vattn.server.async_engine import AsyncEngine, EngineError
+from vattn.server.async_engine import AsyncEngine, EngineError, ShuttingDown
 from vattn.server.chat import create_chat_completion
 from vattn.server.completions import create_completion
+from vattn.server.config import ServerConfig
 from vattn.server.errors import APIError, error_response, install_error_handlers
 from vattn.server.metrics import CONTENT_TYPE, ServerMetrics
+from vattn.server.middleware import APIKeyMiddleware, BodyLimitMiddleware
 from vattn.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -33,25 +36,47 @@ def served_name(engine: LLMEngine, served_model_name: str | None = None) -> str:
     return served_model_name or os.path.basename(os.path.normpath(str(engine.config.model)))
 
 
-def build_app(engine: LLMEngine, served_model_name: str | None = None) -> FastAPI:
-    """An app that owns `engine`: the engine thread starts with the app and stops (closing the KV cache) with it."""
+def _start_sandbox(ctx: ServingContext) -> None:
+    try:
+        ctx.sandbox.start()
+    except Exception:  # it is started again on the first client template; that one will see the error
+        log.exception("the chat template sandbox did not start")
+
+
+def build_app(engine: LLMEngine, served_model_name: str | None = None, config: ServerConfig | None = None) -> FastAPI:
+    """An app that owns `engine`: the engine thread starts with the app and stops (closing the KV cache) with it.
+
+    `config` bounds what one request may ask and locks the deployment (see ServerConfig)."""
+    config = config or ServerConfig()
     metrics = ServerMetrics(engine.config.kv_cache)
-    async_engine = AsyncEngine(engine, metrics)
-    ctx = ServingContext(async_engine, served_name(engine, served_model_name))
+    async_engine = AsyncEngine(engine, metrics, max_waiting=config.max_waiting_requests)
+    ctx = ServingContext(async_engine, served_name(engine, served_model_name), config)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         async_engine.start()
-        log.info("serving %s (kv_cache=%s, max_model_len=%d, max_num_seqs=%d)", ctx.model_name,
-                 engine.config.kv_cache, engine.max_model_len, engine.config.max_num_seqs)
+        if ctx.sandbox is not None:  # its child takes seconds to start: not on the first client's time
+            asyncio.get_running_loop().run_in_executor(None, _start_sandbox, ctx)
+        log.info("serving %s (kv_cache=%s, max_model_len=%d, max_num_seqs=%d%s)", ctx.model_name,
+                 engine.config.kv_cache, engine.max_model_len, engine.config.max_num_seqs,
+                 ", API key required" if config.api_key else "")
         try:
             yield
         finally:
             async_engine.shutdown()
+            ctx.close()
 
     app = FastAPI(title="vattn", lifespan=lifespan)
     app.state.ctx = ctx
     install_error_handlers(app)
+    # outermost last: the key is checked before a byte of the body is read
+    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_request_body_bytes)
+    if config.api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=config.api_key)
+
+    @app.exception_handler(ShuttingDown)
+    async def _shutting_down(_: Request, exc: ShuttingDown):
+        return error_response(str(exc), 503)
 
     @app.exception_handler(EngineError)
     async def _engine_error(_: Request, exc: EngineError):
@@ -60,7 +85,7 @@ def build_app(engine: LLMEngine, served_model_name: str | None = None) -> FastAP
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception):
         log.exception("unhandled error")
-        return error_response(f"internal error: {exc!r}", 500)
+        return error_response("internal server error (see the server log)", 500)
 
     @app.get("/health")
     async def health() -> Response:
@@ -70,8 +95,8 @@ def build_app(engine: LLMEngine, served_model_name: str | None = None) -> FastAP
 
     @app.get("/v1/models")
     async def models() -> ModelList:
-        return ModelList(data=[ModelCard(id=ctx.model_name, root=str(engine.config.model),
-                                         max_model_len=engine.max_model_len)])
+        # `root` is the served name, not the model's path on this machine
+        return ModelList(data=[ModelCard(id=ctx.model_name, root=ctx.model_name, max_model_len=engine.max_model_len)])
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, raw: Request) -> Response:
@@ -87,23 +112,20 @@ def build_app(engine: LLMEngine, served_model_name: str | None = None) -> FastAP
         if (req.prompt is None) == (req.messages is None):
             raise APIError("give exactly one of prompt or messages", param="prompt")
         if req.prompt is not None:
-            tokens = ctx.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+            tokens = await ctx.encode_text(req.prompt, add_special_tokens=req.add_special_tokens)
         else:
             try:
                 conversation = [{"role": m.role, "content": m.text()} for m in req.messages]
             except ValueError as exc:
                 raise APIError(str(exc), param="messages") from exc
-            tokens = ctx.encode_messages(conversation, req.add_generation_prompt)
+            tokens = await ctx.encode_messages(conversation, req.add_generation_prompt)
         return JSONResponse({"tokens": tokens, "count": len(tokens), "max_model_len": engine.max_model_len})
 
     @app.post("/detokenize")
     async def detokenize(req: DetokenizeRequest) -> JSONResponse:
         ctx.check_model(req.model)
-        vocab = engine.spec.vocab_size
-        bad = [t for t in req.tokens if not 0 <= t < vocab]
-        if bad:
-            raise APIError(f"tokens has ids outside the vocabulary [0, {vocab}): {bad[:5]}", param="tokens")
-        return JSONResponse({"prompt": ctx.tokenizer.decode(req.tokens)})
+        ctx.check_token_ids(req.tokens, "tokens")
+        return JSONResponse({"prompt": await ctx.decode(req.tokens)})
 
     @app.get("/metrics")
     async def prometheus() -> Response:

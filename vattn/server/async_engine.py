@@ -3,6 +3,11 @@
 Handlers never touch the engine. They queue commands (add, abort); the engine thread drains them between
 steps, steps while work remains, and hands every RequestOutput to the asyncio queue of the `RequestGroup`
 that asked for it with `loop.call_soon_threadsafe`. When nothing is left to do it sleeps on an Event.
+
+Admission is bookkept here, on the event loop, not in the scheduler: `num_waiting` counts the engine
+requests accepted whose first output has not come back yet (queued commands included), and a group that
+would take it past `max_waiting` is refused (`Overloaded`, a 503 with Retry-After). `drain()` is the first
+half of a graceful shutdown: refuse new work, let running requests finish, then fail what is left.
 """
 
 from __future__ import annotations
@@ -27,6 +32,14 @@ class EngineError(RuntimeError):
     """The engine failed while running a request (a step raised); the request is gone."""
 
 
+class ShuttingDown(EngineError):
+    """The server is shutting down: the request was refused, or did not finish within the grace period."""
+
+
+class Overloaded(RuntimeError):
+    """More requests wait than the server allows; the client should retry later."""
+
+
 @dataclass
 class _Add:
     request_id: str
@@ -46,6 +59,12 @@ class _Abort:
 class _Failure:
     request_id: str
     error: BaseException
+
+
+@dataclass
+class _FailAll:
+    error: EngineError
+    done: threading.Event
 
 
 @dataclass
@@ -69,8 +88,12 @@ def _resolve(fut: asyncio.Future, error: BaseException | None) -> None:
 class AsyncEngine:
     """Owns the engine thread. Start it once; `shutdown()` stops the thread and closes the KV cache."""
 
-    def __init__(self, engine: LLMEngine, metrics: ServerMetrics | None = None, stats_interval: float = 0.05):
+    def __init__(self, engine: LLMEngine, metrics: ServerMetrics | None = None, stats_interval: float = 0.05,
+                 max_waiting: int | None = None):
         self.engine = engine
+        self.max_waiting = max_waiting
+        self.num_waiting = 0  # event-loop side: accepted engine requests with no output yet
+        self.accepting = True
         self.metrics = metrics or ServerMetrics(engine.config.kv_cache)
         self.stats_interval = stats_interval
         self._commands: collections.deque = collections.deque()
@@ -89,10 +112,39 @@ class AsyncEngine:
 
     @property
     def is_running(self) -> bool:
-        return self._thread.is_alive() and not self._stopping
+        return self._thread.is_alive() and not self._stopping and self.accepting
 
     def abort(self, request_id: str) -> None:
         self._submit(_Abort(request_id))
+
+    def admit(self, count: int) -> None:
+        """Reserve room for `count` more waiting requests (event loop only), or raise Overloaded/ShuttingDown."""
+        if not self.accepting or self._stopping:
+            raise ShuttingDown("the server is shutting down: the engine is not running new requests")
+        if self.max_waiting is not None and self.num_waiting + count > self.max_waiting:
+            raise Overloaded(f"the server is overloaded: {self.num_waiting} requests are waiting (the bound is "
+                             f"{self.max_waiting}); retry later")
+        self.num_waiting += count
+
+    def release(self, count: int) -> None:
+        self.num_waiting -= count
+
+    async def drain(self, grace: float) -> int:
+        """Refuse new requests; wait up to `grace` seconds for the running ones; fail the rest with ShuttingDown
+        (their KV cache freed). Returns how many were failed."""
+        self.accepting = False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while (self._live or self._commands) and loop.time() < deadline and self._thread.is_alive():
+            await asyncio.sleep(0.05)
+        left = len(self._live)
+        if left and self._thread.is_alive():
+            done = threading.Event()
+            self._commands.append(_FailAll(ShuttingDown(
+                f"the server is shutting down: the request did not finish within the {grace:g}s grace period"), done))
+            self._wake.set()
+            await loop.run_in_executor(None, done.wait, 10.0)
+        return left
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the engine thread, fail what is still in flight, close the engine (frees the KV cache)."""
@@ -105,11 +157,13 @@ class AsyncEngine:
         if self._thread.is_alive():
             log.error("engine thread did not stop within %.1fs; closing anyway", timeout)
         for rid, tracked in list(self._live.items()):
-            tracked.group._deliver(_Failure(rid, EngineError("the server is shutting down")))
+            tracked.group._deliver(_Failure(rid, ShuttingDown("the server is shutting down")))
         self._live.clear()
         for cmd in self._commands:
-            if isinstance(cmd, _Add):
-                cmd.group._loop.call_soon_threadsafe(_resolve, cmd.added, EngineError("the server is shutting down"))
+            if isinstance(cmd, _FailAll):
+                cmd.done.set()
+            elif isinstance(cmd, _Add):
+                cmd.group._loop.call_soon_threadsafe(_resolve, cmd.added, ShuttingDown("the server is shutting down"))
         self._commands.clear()
         self.engine.close()
         log.info("engine stopped, KV cache closed")
@@ -136,7 +190,8 @@ class AsyncEngine:
             log.exception("engine thread crashed")
             self.dead = exc
             for rid, tracked in list(self._live.items()):
-                tracked.group._deliver(_Failure(rid, EngineError(f"engine thread crashed: {exc}")))
+                tracked.group._deliver(_Failure(rid, EngineError(
+                    f"the engine thread crashed ({type(exc).__name__}); see the server log")))
             self._live.clear()
 
     def _drain(self) -> int:
@@ -145,10 +200,21 @@ class AsyncEngine:
             cmd = self._commands.popleft()
             if isinstance(cmd, _Add):
                 self._add(cmd)
+            elif isinstance(cmd, _FailAll):
+                self._fail_all(cmd)
             else:
                 self._abort(cmd.request_id)
             n += 1
         return n
+
+    def _fail_all(self, cmd: _FailAll) -> None:
+        for rid, tracked in list(self._live.items()):
+            out = self.engine.abort(rid)  # frees its KV cache
+            if out is not None:
+                self._finished(out, None)
+            tracked.group._deliver(_Failure(rid, cmd.error))
+        self._live.clear()
+        cmd.done.set()
 
     def _add(self, cmd: _Add) -> None:
         try:
@@ -178,7 +244,8 @@ class AsyncEngine:
                     self.engine.abort(rid)
                 except Exception:  # the engine may be in a bad state; the request is lost either way
                     log.exception("abort of %s after a failed step also failed", rid)
-                tracked.group._deliver(_Failure(rid, EngineError(f"engine step failed: {exc!r}")))
+                tracked.group._deliver(_Failure(rid, EngineError(
+                    f"the engine failed while running this request ({type(exc).__name__}); see the server log")))
                 self.metrics.request_errors.inc()
             self._live.clear()
             return
@@ -224,26 +291,37 @@ class AsyncEngine:
 class RequestGroup:
     """The engine requests of one HTTP call. Their outputs arrive on one asyncio queue, in engine order.
 
-    Use it as `async with RequestGroup(engine) as g:`; leaving the block aborts whatever has not finished
-    (a client that went away, an error, a cancelled task), which frees its KV cache.
+    Use it as `async with RequestGroup(engine, n) as g:`; leaving the block aborts whatever has not finished
+    (a client that went away, an error, a cancelled task), which frees its KV cache. Creating the group admits
+    its `num_requests` requests against the engine's waiting bound (Overloaded / ShuttingDown otherwise); each
+    one stops counting as waiting once its first output arrives, fails or is aborted.
     """
 
-    def __init__(self, engine: AsyncEngine):
+    def __init__(self, engine: AsyncEngine, num_requests: int = 0):
         self._engine = engine
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue = asyncio.Queue()
         self.unfinished: set[str] = set()
+        engine.admit(num_requests)
+        self._reserved = num_requests  # admitted, not yet added
+        self._waiting: set[str] = set()  # added, no output yet
 
     async def add(self, request_id: str, prompt: str | None, params: SamplingParams,
                   prompt_token_ids: list[int] | None = None) -> None:
         """Queue a request; returns once the engine accepted it. Raises the engine's ValueError for a bad prompt."""
+        if self._reserved:
+            self._reserved -= 1
+        else:
+            self._engine.admit(1)
         added = self._loop.create_future()
         self.unfinished.add(request_id)
+        self._waiting.add(request_id)
         try:
             self._engine._submit(_Add(request_id, prompt, params, prompt_token_ids, self, added))
             await added
         except ValueError:
             self.unfinished.discard(request_id)
+            self._started(request_id)
             raise
 
     async def outputs(self) -> AsyncIterator[RequestOutput]:
@@ -264,10 +342,22 @@ class RequestGroup:
             except EngineError:
                 break  # the engine is gone; nothing left to free
         self.unfinished.clear()
+        self._engine.release(len(self._waiting) + self._reserved)
+        self._waiting.clear()
+        self._reserved = 0
+
+    def _started(self, request_id: str) -> None:  # event loop
+        if request_id in self._waiting:
+            self._waiting.discard(request_id)
+            self._engine.release(1)
+
+    def _receive(self, item) -> None:  # event loop
+        self._started(item.request_id)
+        self._queue.put_nowait(item)
 
     def _deliver(self, item) -> None:  # engine thread
         try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+            self._loop.call_soon_threadsafe(self._receive, item)
         except RuntimeError:  # the event loop is closed (shutdown): nobody is listening
             pass
 

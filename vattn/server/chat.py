@@ -51,19 +51,20 @@ def chat_logprobs(ctx: ServingContext, token_ids: list[int], dicts: list[dict[in
 
 async def create_chat_completion(req: ChatCompletionRequest, raw: Request, ctx: ServingContext) -> Response:
     ctx.check_model(req.model)
+    ctx.check_request(req)
     try:
         conversation = req.conversation()
     except ValueError as exc:
         raise APIError(str(exc), param="messages") from exc
-    ids = ctx.encode_messages(conversation, req.add_generation_prompt, req.chat_template)
     max_tokens = req.requested_max_tokens()
-    ctx.check_length(len(ids), max_tokens, what="messages")
     params = req.to_sampling_params(max_tokens)
     rid, created = random_id("chatcmpl"), int(time.time())
-    group = RequestGroup(ctx.engine)
+    group = ctx.group(1)  # 503 before any work when too many requests wait
     try:
+        ids = await ctx.encode_messages(conversation, req.add_generation_prompt, req.chat_template)
+        ctx.check_length(len(ids), max_tokens, what="messages")
         await group.add(rid, None, params, ids)
-    except ValueError as exc:  # the engine refused the prompt (token ids outside the vocabulary, too long)
+    except ValueError as exc:  # the engine refused the prompt (too long for it)
         group.abort()
         raise APIError(str(exc), param="messages") from exc
     except BaseException:
@@ -126,7 +127,7 @@ async def _stream(req: ChatCompletionRequest, ctx: ServingContext, group: Reques
                     yield chunk([ChatStreamChoice(index=o.index, delta=DeltaMessage(content=delta if delta else None),
                                                   logprobs=logprobs, finish_reason=finish)])
         except (EngineError, APIError) as exc:
-            yield sse_error(str(exc), 500 if isinstance(exc, EngineError) else 400)
+            yield sse_error(exc)
             yield SSE_DONE
             return
     if req.include_usage:

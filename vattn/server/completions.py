@@ -60,23 +60,30 @@ def completion_logprobs(ctx: ServingContext, token_ids: list[int], dicts: list[d
 class _Prompt:
     """One prompt of the request: its text (for echo) and token ids."""
 
-    def __init__(self, ctx: ServingContext, prompt: str | list[int]):
-        self.ids = ctx.encode_prompt(prompt)
-        self.text = prompt if isinstance(prompt, str) else ctx.tokenizer.decode(self.ids)
+    def __init__(self, text: str, ids: list[int]):
+        self.text, self.ids = text, ids
+
+    @classmethod
+    async def encode(cls, ctx: ServingContext, prompt: str | list[int]) -> _Prompt:
+        """Token ids are checked against the vocabulary before anything decodes them."""
+        ids = await ctx.encode_prompt(prompt)
+        return cls(prompt if isinstance(prompt, str) else await ctx.decode(ids), ids)
 
 
 async def create_completion(req: CompletionRequest, raw: Request, ctx: ServingContext) -> Response:
     ctx.check_model(req.model)
-    prompts = [_Prompt(ctx, p) for p in _prompts(req.prompt)]
-    for p in prompts:
-        ctx.check_length(len(p.ids), req.max_tokens)
+    ctx.check_request(req)
+    raw_prompts = _prompts(req.prompt)
     params = req.to_sampling_params(req.max_tokens)
     rid, created = random_id("cmpl"), int(time.time())
-    group = RequestGroup(ctx.engine)
+    group = ctx.group(len(raw_prompts))  # 503 before any work when too many requests wait
     try:
+        prompts = [await _Prompt.encode(ctx, p) for p in raw_prompts]
+        for p in prompts:
+            ctx.check_length(len(p.ids), req.max_tokens)
         for i, p in enumerate(prompts):
             await group.add(f"{rid}-{i}", p.text, params, p.ids)
-    except ValueError as exc:  # the engine refused the prompt (token ids outside the vocabulary, too long)
+    except ValueError as exc:  # the engine refused the prompt (too long for it)
         group.abort()
         raise APIError(str(exc), param="prompt") from exc
     except BaseException:
@@ -157,7 +164,7 @@ async def _stream(req: CompletionRequest, ctx: ServingContext, group: RequestGro
                         CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=finish)])
                     yield sse(chunk.model_dump_json(exclude={"usage"}))
         except (EngineError, APIError) as exc:
-            yield sse_error(str(exc), 500 if isinstance(exc, EngineError) else 400)
+            yield sse_error(exc)
             yield SSE_DONE
             return
     if req.include_usage:

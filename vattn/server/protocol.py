@@ -1,17 +1,34 @@
 """Request and response schemas of the OpenAI-compatible API (pydantic), and their mapping onto SamplingParams.
 
-Requests accept and ignore fields we do not know (extra="ignore"), as OpenAI clients send many.
-Ranges are checked by SamplingParams, so one set of rules serves the library and the server.
+Requests accept and ignore fields we do not know (extra="ignore"), as OpenAI clients send many; fields that
+would change the answer and that vattn does not implement (tools, response_format) are refused instead.
+Ranges are checked by SamplingParams, so one set of rules serves the library and the server. Every string a
+request carries must be valid Unicode: JSON can spell a lone UTF-16 surrogate ("\\ud800"), which no tokenizer
+and no UTF-8 reply can hold.
 """
 
 from __future__ import annotations
 
+import re
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from vattn.sampling_params import SamplingParams
+
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def _valid_unicode(text: str) -> str:
+    m = _SURROGATE.search(text)
+    if m:
+        raise ValueError(f"text must be valid Unicode, but it holds a lone surrogate U+{ord(m.group()):04X} at "
+                         f"character {m.start()}")
+    return text
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]
 
 
 class _Request(BaseModel):
@@ -29,19 +46,21 @@ class StreamOptions(_Request):
 class _SamplingFields(_Request):
     """Fields shared by /v1/completions and /v1/chat/completions (OpenAI's, then vLLM-style extensions)."""
 
-    model: str | None = None
+    model: Text | None = None
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
     n: int = 1
-    stop: str | list[str] | None = None
+    best_of: int | None = None
+    stop: Text | list[Text] | None = None
     seed: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
-    user: str | None = None
+    user: Text | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    response_format: dict[str, Any] | None = None
     # extensions
     top_k: int | None = None
     min_p: float | None = None
@@ -51,16 +70,38 @@ class _SamplingFields(_Request):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    use_beam_search: bool = False  # beam width: best_of, else n
+    length_penalty: float = 1.0
+
+    @property
+    def width(self) -> int:
+        """Sequences per prompt this request asks for: n, best_of, or the beam width."""
+        return max(self.n, self.best_of or 0)
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """(field, message) for a request field vattn cannot honour; None when there is none."""
+        if self.logit_bias:
+            return "logit_bias", "logit_bias is not supported"
+        fmt = self.response_format
+        if fmt is not None and fmt.get("type", "text") != "text":
+            return "response_format", (f"response_format of type {fmt.get('type')!r} is not supported: vattn "
+                                       "generates free text only (response_format type 'text')")
+        if self.best_of is not None and not self.use_beam_search and self.best_of != self.n:
+            return "best_of", (f"best_of={self.best_of} with n={self.n} is not supported: without beam search "
+                               "vattn returns every sample (leave best_of unset or equal to n)")
+        if self.use_beam_search and self.stop:
+            return "stop", "stop strings are not supported with beam search"
+        return None
 
     def _sampling_kwargs(self) -> dict[str, Any]:
-        if self.logit_bias:
-            raise ValueError("logit_bias is not supported")
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
         kw = dict(n=self.n, stop=self.stop, seed=self.seed, ignore_eos=self.ignore_eos,
                   min_tokens=self.min_tokens, stop_token_ids=self.stop_token_ids,
                   skip_special_tokens=self.skip_special_tokens,
                   include_stop_str_in_output=self.include_stop_str_in_output)
+        if self.use_beam_search:
+            kw.update(use_beam_search=True, beam_width=self.best_of or self.n, length_penalty=self.length_penalty)
         for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                      "repetition_penalty"):
             value = getattr(self, name)
@@ -74,11 +115,11 @@ class _SamplingFields(_Request):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Text | list[Text] | list[int] | list[list[int]]
     max_tokens: int | None = 16  # OpenAI's default for the legacy completions API
     logprobs: int | None = None
     echo: bool = False
-    suffix: str | None = None
+    suffix: Text | None = None
 
     def to_sampling_params(self, max_tokens: int | None) -> SamplingParams:
         if self.suffix:
@@ -89,14 +130,14 @@ class CompletionRequest(_SamplingFields):
 
 
 class ContentPart(_Request):
-    type: str
-    text: str | None = None
+    type: Text
+    text: Text | None = None
 
 
 class ChatMessage(_Request):
-    role: str
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
+    role: Text
+    content: Text | list[ContentPart] | None = None
+    name: Text | None = None
 
     def text(self) -> str:
         """The message's text; list content may hold only text parts."""
@@ -118,7 +159,22 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = None
     add_generation_prompt: bool = True
-    chat_template: str | None = None
+    chat_template: Text | None = None
+    # function calling: vattn has none; a request that needs it is refused rather than answered with free text
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Text | dict[str, Any] | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: Text | dict[str, Any] | None = None
+
+    def unsupported(self) -> tuple[str, str] | None:
+        for name in ("tools", "functions"):
+            if getattr(self, name):
+                return name, f"{name} (function calling) is not supported by vattn"
+        for name in ("tool_choice", "function_call"):
+            value = getattr(self, name)
+            if value is not None and value not in ("none", "auto"):
+                return name, f"{name}={value!r} is not supported: vattn has no function calling"
+        return super().unsupported()
 
     def conversation(self) -> list[dict]:
         return [{"role": m.role, "content": m.text()} for m in self.messages]
@@ -134,15 +190,15 @@ class ChatCompletionRequest(_SamplingFields):
 
 
 class TokenizeRequest(_Request):
-    model: str | None = None
-    prompt: str | None = None
+    model: Text | None = None
+    prompt: Text | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 
 
 class DetokenizeRequest(_Request):
-    model: str | None = None
+    model: Text | None = None
     tokens: list[int]
 
 
