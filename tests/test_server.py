@@ -369,3 +369,29 @@ def test_metrics_exposition(server):
         assert name in m, name
     assert m["vattn:time_to_first_token_seconds_count"] > 0 and m["vattn:e2e_request_latency_seconds_sum"] > 0
     assert m["vattn:kv_cache_pages_mapped{kv_cache=vattention}"] >= m["vattn:kv_cache_pages_used{kv_cache=vattention}"]
+
+
+def test_cached_prompt_tokens_are_reported_in_usage_and_metrics(server, client):
+    """A second request with the same long prefix is served partly from the prefix cache, and says so."""
+    prompt = "Cached prefix test: " + " ".join(f"item{i}" for i in range(400))
+    n = n_tokens(server, prompt)
+    unit = 512  # one 64 KiB page of the tiny model's K (2 kv heads x 16 dims x fp32) holds 512 tokens
+    assert n > unit + 1
+    before = server.metrics().get("vattn:prompt_tokens_cached_total", 0)
+    first = client.completions.create(model=server.model_name, prompt=prompt, max_tokens=2, **GREEDY)
+    second = client.completions.create(model=server.model_name, prompt=prompt, max_tokens=2, **GREEDY)
+    assert first.usage.prompt_tokens == second.usage.prompt_tokens == n
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert second.usage.prompt_tokens_details.cached_tokens == unit * ((n - 1) // unit)
+    assert second.choices[0].text == first.choices[0].text
+    stream = client.chat.completions.create(model=server.model_name, messages=[{"role": "user", "content": prompt}],
+                                            max_tokens=2, stream=True, stream_options={"include_usage": True},
+                                            **GREEDY)
+    again = client.chat.completions.create(model=server.model_name, messages=[{"role": "user", "content": prompt}],
+                                           max_tokens=2, stream=True, stream_options={"include_usage": True},
+                                           **GREEDY)
+    usages = [[c.usage for c in s if c.usage is not None][-1] for s in (stream, again)]
+    assert usages[0].prompt_tokens_details.cached_tokens == 0
+    assert usages[1].prompt_tokens_details.cached_tokens >= unit
+    expected = before + second.usage.prompt_tokens_details.cached_tokens + usages[1].prompt_tokens_details.cached_tokens
+    wait_for(lambda: server.metrics().get("vattn:prompt_tokens_cached_total") == expected, what="cached-token counter")

@@ -145,10 +145,11 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from vattn.engine import LLMEngine
+    from vattn.engine_process import EngineProcess
     from vattn.server import build_app
 
     server_cfg = server_config(args)
-    engine = LLMEngine(engine_config(args))
+    engine = (EngineProcess if server_cfg.engine_process else LLMEngine)(engine_config(args))
     app = build_app(engine, args.served_model_name, server_cfg)
     async_engine = app.state.ctx.engine
 

@@ -45,6 +45,7 @@ class EngineStats:
     prompt_tokens: int
     generation_tokens: int
     kv: KVStats
+    cached_prompt_tokens: int = 0  # prompt tokens of ended requests that the prefix cache served
 
 
 class LLMEngine:
@@ -104,6 +105,7 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        self.cached_prompt_tokens_total = 0
         self._prompt_logprobs: dict[str, list] = {}  # request_id -> prompt logprobs so far
 
     def _default_kv_memory(self) -> int:
@@ -166,6 +168,7 @@ class LLMEngine:
             req.beam.done, req.beam.finished = True, []
         self._prompt_logprobs.pop(request_id, None)
         req.metrics.finished_time = time.time()
+        self.cached_prompt_tokens_total += req.num_cached_tokens
         return self._output(req)
 
     def has_unfinished_requests(self) -> bool:
@@ -291,6 +294,7 @@ class LLMEngine:
             req = self.requests[rid]
             if req.finished:
                 req.metrics.finished_time = time.time()
+                self.cached_prompt_tokens_total += req.num_cached_tokens
                 del self.requests[rid]
             elif req.params.output_kind == "final_only":
                 continue
@@ -327,7 +331,7 @@ class LLMEngine:
     def stats(self) -> EngineStats:
         return EngineStats(self.scheduler.num_running, self.scheduler.num_waiting,
                            self.scheduler.num_preemptions, self.prompt_tokens_total,
-                           self.generation_tokens_total, self.kv.stats())
+                           self.generation_tokens_total, self.kv.stats(), self.cached_prompt_tokens_total)
 
     def close(self) -> None:
         for rid in list(self.requests):

@@ -74,10 +74,10 @@ class EngineProcess:
     """Drop-in for LLMEngine (the calls the server makes), backed by a child process. Not thread-safe: one caller."""
 
     def __init__(self, config: EngineConfig, start_timeout: float = 600.0):
-        from transformers import AutoTokenizer
+        from vattn.loader import load_tokenizer
 
         self.config = config
-        self.tokenizer = AutoTokenizer.from_pretrained(config.model)
+        self.tokenizer = load_tokenizer(config.model)
         ctx = mp.get_context("spawn")  # a clean interpreter: no inherited threads, locks or CUDA state
         self._conn, child = ctx.Pipe()
         self._proc = ctx.Process(target=_core_main, args=(child, config), name="vattn-engine-core", daemon=True)

@@ -22,7 +22,7 @@ from vattn.server.protocol import (
     ChatTokenLogprob,
     DeltaMessage,
     TopLogprob,
-    Usage,
+    make_usage,
 )
 from vattn.server.serving import (
     SSE_DONE,
@@ -86,8 +86,7 @@ async def create_chat_completion(req: ChatCompletionRequest, raw: Request, ctx: 
     completion_tokens = sum(len(o.token_ids) for o in out.outputs)
     return JSONResponse(ChatCompletionResponse(
         id=rid, created=created, model=ctx.model_name, choices=choices,
-        usage=Usage(prompt_tokens=len(ids), completion_tokens=completion_tokens,
-                    total_tokens=len(ids) + completion_tokens)).model_dump())
+        usage=make_usage(len(ids), completion_tokens, out.num_cached_tokens)).model_dump())
 
 
 async def _stream(req: ChatCompletionRequest, ctx: ServingContext, group: RequestGroup, prompt_tokens: int,
@@ -102,7 +101,7 @@ async def _stream(req: ChatCompletionRequest, ctx: ServingContext, group: Reques
     sent_text: dict[int, int] = {}
     sent_tokens: dict[int, int] = {}
     done: set[int] = set()
-    completion_tokens = 0
+    completion_tokens = cached_tokens = 0
     for i in range(req.n):  # OpenAI opens each choice with the role
         yield chunk([ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
     async with group:
@@ -110,6 +109,7 @@ async def _stream(req: ChatCompletionRequest, ctx: ServingContext, group: Reques
             async for out in group.outputs():
                 if out.finished:
                     check_not_aborted(out)
+                    cached_tokens = out.num_cached_tokens
                 for o in out.outputs:
                     if o.index in done:
                         continue
@@ -131,6 +131,5 @@ async def _stream(req: ChatCompletionRequest, ctx: ServingContext, group: Reques
             yield SSE_DONE
             return
     if req.include_usage:
-        yield chunk([], Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                              total_tokens=prompt_tokens + completion_tokens))
+        yield chunk([], make_usage(prompt_tokens, completion_tokens, cached_tokens))
     yield SSE_DONE

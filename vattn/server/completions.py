@@ -16,7 +16,7 @@ from vattn.server.protocol import (
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
-    Usage,
+    make_usage,
 )
 from vattn.server.serving import (
     SSE_DONE,
@@ -96,18 +96,18 @@ async def create_completion(req: CompletionRequest, raw: Request, ctx: ServingCo
         finals = await collect_final(group, raw)
     if finals is None:
         return Response(status_code=499)  # the client closed the connection; nobody reads this
-    choices, completion_tokens = [], 0
+    choices, completion_tokens, cached_tokens = [], 0, 0
     for i, p in enumerate(prompts):
         out = finals[f"{rid}-{i}"]
         check_not_aborted(out)
+        cached_tokens += out.num_cached_tokens
         for o in out.outputs:
             completion_tokens += len(o.token_ids)
             choices.append(_choice(req, ctx, p, out, o, i * params.n + o.index))
     prompt_tokens = sum(len(p.ids) for p in prompts)
     return JSONResponse(CompletionResponse(
         id=rid, created=created, model=ctx.model_name, choices=choices,
-        usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                    total_tokens=prompt_tokens + completion_tokens)).model_dump())
+        usage=make_usage(prompt_tokens, completion_tokens, cached_tokens)).model_dump())
 
 
 def _choice(req: CompletionRequest, ctx: ServingContext, p: _Prompt, out: RequestOutput, o: CompletionOutput,
@@ -133,7 +133,7 @@ async def _stream(req: CompletionRequest, ctx: ServingContext, group: RequestGro
     sent_text: dict[int, int] = {}
     sent_tokens: dict[int, int] = {}
     done: set[int] = set()
-    completion_tokens = 0
+    completion_tokens = cached_tokens = 0
     async with group:  # leaving early (client gone, error) aborts what is unfinished and frees its KV
         try:
             async for out in group.outputs():
@@ -141,6 +141,7 @@ async def _stream(req: CompletionRequest, ctx: ServingContext, group: RequestGro
                 p = prompts[i]
                 if out.finished:
                     check_not_aborted(out)
+                    cached_tokens += out.num_cached_tokens
                 for o in out.outputs:
                     index = i * n + o.index
                     if index in done:
@@ -169,7 +170,6 @@ async def _stream(req: CompletionRequest, ctx: ServingContext, group: RequestGro
             return
     if req.include_usage:
         prompt_tokens = sum(len(p.ids) for p in prompts)
-        usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                      total_tokens=prompt_tokens + completion_tokens)
+        usage = make_usage(prompt_tokens, completion_tokens, cached_tokens)
         yield sse(CompletionResponse(id=rid, created=created, model=ctx.model_name, choices=[], usage=usage))
     yield SSE_DONE

@@ -24,6 +24,7 @@ class ServerConfig:
     chat_template_timeout: float = 5.0  # seconds one client template may render for
     chat_template_memory: int = 1 << 30  # bytes of address space the template child process may add
     shutdown_timeout: float = 5.0  # seconds running requests get to finish after SIGTERM/SIGINT
+    engine_process: bool = True  # run the engine core in its own process (else on a thread of the server's)
 
     def __post_init__(self) -> None:
         if self.api_key is None:

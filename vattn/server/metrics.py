@@ -51,6 +51,8 @@ class _StatsCollector:
         yield gauge("vattn:num_requests_waiting", "Sequences waiting to be scheduled.", s.num_waiting)
         yield counter("vattn:num_preemptions", "Sequences preempted so far.", s.num_preemptions)
         yield counter("vattn:prompt_tokens", "Prompt tokens of all admitted requests.", s.prompt_tokens)
+        yield counter("vattn:prompt_tokens_cached", "Prompt tokens of ended requests served by the prefix cache.",
+                      s.cached_prompt_tokens)
         yield counter("vattn:generation_tokens", "Tokens generated.", s.generation_tokens)
         yield gauge("vattn:kv_cache_pages_total", "Physical KV units (pages or blocks) in the pool.",
                     kv.units_total, True)
