@@ -45,7 +45,7 @@ def _flags() -> list[str]:
     arch = _ARCH_FLAGS.get(torch.backends.cpu.get_cpu_capability(), []) if _is_x86() else []
     # -fopenmp makes at::parallel_for (inline, OpenMP in torch's CPU builds) run on torch's threads; the OpenMP
     # symbols resolve against the runtime torch already loaded, so torch.set_num_threads governs the kernel too.
-    return ["-O3", "-fopenmp", *arch]
+    return ["-O3", "-ffp-contract=fast", "-fopenmp", *arch]
 
 
 def _is_x86() -> bool:

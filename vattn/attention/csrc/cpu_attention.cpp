@@ -23,7 +23,8 @@
 // Inputs may be float32, bfloat16 or float16; scores, softmax and accumulators are float32.
 
 #include <ATen/Parallel.h>
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/python.h>
 
 #include <algorithm>
 #include <atomic>
@@ -56,15 +57,25 @@ inline const float* as_float(const T* src, float* buf, int64_t D) {
 template <>
 inline const float* as_float<float>(const float* src, float*, int64_t) { return src; }
 
+// Lane-wise partial sums, then a tree: the compiler keeps the lanes in one vector register and reduces it in
+// log2(LANES) steps (a plain `s += a[d] * b[d]` reduction ends in LANES dependent scalar adds).
+constexpr int64_t LANES = 16;
+
 inline float dot(const float* a, const float* b, int64_t D) {
-  float s = 0.f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t d = 0; d < D; ++d) s += a[d] * b[d];
-  return s;
+  float acc[LANES] = {};
+  int64_t d = 0;
+  for (; d + LANES <= D; d += LANES) {
+    for (int64_t i = 0; i < LANES; ++i) acc[i] += a[d + i] * b[d + i];
+  }
+  float tail = 0.f;
+  for (; d < D; ++d) tail += a[d] * b[d];
+  for (int64_t w = LANES / 2; w > 0; w /= 2) {
+    for (int64_t i = 0; i < w; ++i) acc[i] += acc[i + w];
+  }
+  return acc[0] + tail;
 }
 
 inline void axpy(float* y, float a, const float* x, int64_t D) {
-#pragma omp simd
   for (int64_t d = 0; d < D; ++d) y[d] += a * x[d];
 }
 
