@@ -27,12 +27,17 @@
 #include <torch/python.h>
 
 #include <algorithm>
+#include <bit>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
 #include <vector>
+
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -57,22 +62,94 @@ inline const float* as_float(const T* src, float* buf, int64_t D) {
 template <>
 inline const float* as_float<float>(const float* src, float*, int64_t) { return src; }
 
-// Lane-wise partial sums, then a tree: the compiler keeps the lanes in one vector register and reduces it in
-// log2(LANES) steps (a plain `s += a[d] * b[d]` reduction ends in LANES dependent scalar adds).
+// The softmax helpers below reduce LANES partial results lane-wise, then in a tree, so they vectorize without
+// fast-math.
 constexpr int64_t LANES = 16;
 
+// a . b over D floats, reduced in registers: a compiler-vectorized reduction goes through the stack (a vector store,
+// then scalar reloads), which stalls on every one of the batch's many short dot products.
+#if defined(__AVX512F__)
 inline float dot(const float* a, const float* b, int64_t D) {
-  float acc[LANES] = {};
+  __m512 acc = _mm512_setzero_ps();
   int64_t d = 0;
-  for (; d + LANES <= D; d += LANES) {
-    for (int64_t i = 0; i < LANES; ++i) acc[i] += a[d + i] * b[d + i];
+  for (; d + 16 <= D; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + d), _mm512_loadu_ps(b + d), acc);
+  if (d < D) {
+    const __mmask16 tail = static_cast<__mmask16>((1u << (D - d)) - 1);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, a + d), _mm512_maskz_loadu_ps(tail, b + d), acc);
   }
-  float tail = 0.f;
-  for (; d < D; ++d) tail += a[d] * b[d];
+  return _mm512_reduce_add_ps(acc);
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+inline float dot(const float* a, const float* b, int64_t D) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc);
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  x = _mm_add_ss(x, _mm_movehdup_ps(x));
+  float s = _mm_cvtss_f32(x);
+  for (; d < D; ++d) s += a[d] * b[d];
+  return s;
+}
+#else
+inline float dot(const float* a, const float* b, int64_t D) {
+  float s = 0.f;
+  for (int64_t d = 0; d < D; ++d) s += a[d] * b[d];
+  return s;
+}
+#endif
+
+// e^x for the softmax's x = score - max <= 0, in plain arithmetic the compiler vectorizes (libm's expf is a call
+// per element): x = k ln2 + f with |f| <= ln2 / 2, e^f by Cephes' degree-6 polynomial, 2^k through the exponent
+// bits. About 1 ulp; x < -87 (including -inf, a hidden key) gives exactly 0; NaN stays NaN.
+inline float exp_nonpositive(float x) {
+  const float k = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float f = x - k * 0.693359375f + k * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * f + 1.3981999507e-3f;
+  p = p * f + 8.3334519073e-3f;
+  p = p * f + 4.1665795894e-2f;
+  p = p * f + 1.6666665459e-1f;
+  p = p * f + 5.0000001201e-1f;
+  p = p * f * f + f + 1.f;
+  const int32_t e = static_cast<int32_t>(std::max(k, -127.f)) + 127;
+  const float scale = std::bit_cast<float>(static_cast<uint32_t>(e) << 23);
+  return x < -87.f ? 0.f : p * scale;
+}
+
+// max(init, x[0..n)), lane-wise then a tree, so that it vectorizes without fast-math.
+inline float block_max(const float* x, int64_t n, float init) {
+  float lane[LANES];
+  std::fill(lane, lane + LANES, init);
+  int64_t c = 0;
+  for (; c + LANES <= n; c += LANES) {
+    for (int64_t i = 0; i < LANES; ++i) lane[i] = std::max(lane[i], x[c + i]);
+  }
+  for (; c < n; ++c) lane[0] = std::max(lane[0], x[c]);
   for (int64_t w = LANES / 2; w > 0; w /= 2) {
-    for (int64_t i = 0; i < w; ++i) acc[i] += acc[i + w];
+    for (int64_t i = 0; i < w; ++i) lane[i] = std::max(lane[i], lane[i + w]);
   }
-  return acc[0] + tail;
+  return lane[0];
+}
+
+// x[c] = e^(x[c] - mx) in place; returns their sum.
+inline float exp_sub_sum(float* x, int64_t n, float mx) {
+  float lane[LANES] = {};
+  int64_t c = 0;
+  for (; c + LANES <= n; c += LANES) {
+    for (int64_t i = 0; i < LANES; ++i) {
+      x[c + i] = exp_nonpositive(x[c + i] - mx);
+      lane[i] += x[c + i];
+    }
+  }
+  for (; c < n; ++c) {
+    x[c] = exp_nonpositive(x[c] - mx);
+    lane[0] += x[c];
+  }
+  for (int64_t w = LANES / 2; w > 0; w /= 2) {
+    for (int64_t i = 0; i < w; ++i) lane[i] += lane[i + w];
+  }
+  return lane[0];
 }
 
 inline void axpy(float* y, float a, const float* x, int64_t D) {
@@ -146,30 +223,23 @@ void attend(const Layout& L, const Item& it, const T* q, T* out, const T* kc, co
   for (int64_t n0 = 0; n0 < kend; n0 += KBLOCK) {
     const int64_t nb = std::min(KBLOCK, kend - n0);
     // Rows whose query sits at or past the block's last key see all of it; earlier rows see a prefix.
+    // Every row sees the whole block unless the block reaches past the tile's first query (the causal corner).
+    const bool all_visible = n0 + nb - 1 <= first + it.t0;
     for (int64_t c = 0; c < nb; ++c) {
       const int64_t n = n0 + c;
       int64_t row, pos;
       L.locate<PAGED>(b, n, row, pos);
       const float* kf = as_float(kc + row * L.k_row + pos * L.k_pos + kvh * L.k_head, kbuf, D);
       for (int64_t r = 0; r < R; ++r) {
-        const bool visible = n <= first + it.t0 + r / G;
+        const bool visible = all_visible || n <= first + it.t0 + r / G;
         s[r * KBLOCK + c] = visible ? dot(qf + r * D, kf, D) : -std::numeric_limits<float>::infinity();
       }
     }
     for (int64_t r = 0; r < R; ++r) {
       float* sr = s + r * KBLOCK;
-      float mx = m[r];
-      for (int64_t c = 0; c < nb; ++c) mx = std::max(mx, sr[c]);
-      if (mx == -std::numeric_limits<float>::infinity()) {  // nothing visible yet (cannot happen: key 0 is)
-        std::fill(sr, sr + nb, 0.f);
-        continue;
-      }
-      const float alpha = std::exp(m[r] - mx);  // 0 on the first block (m = -inf)
-      float sum = 0.f;
-      for (int64_t c = 0; c < nb; ++c) {
-        sr[c] = std::exp(sr[c] - mx);  // exp(-inf) = 0 for hidden keys
-        sum += sr[c];
-      }
+      const float mx = block_max(sr, nb, m[r]);  // finite: key 0 is visible to every query
+      const float alpha = exp_nonpositive(m[r] - mx);  // 0 on the first block (m = -inf)
+      const float sum = exp_sub_sum(sr, nb, mx);  // hidden keys (-inf) get exactly 0
       l[r] = l[r] * alpha + sum;
       m[r] = mx;
       if (alpha != 1.f) {
