@@ -8,7 +8,7 @@ writes the step's K/V first (the fused write). The two twins differ only in wher
     paged       row = block_tables[b, n // P],  position n % P        (pools [num_blocks, P, Hk, D])
 
 The extension is compiled with torch.utils.cpp_extension.load the first time it is needed (needs a C++ compiler and
-ninja) into a cache directory keyed by the source, the flags, Python, torch and the CPU's vector capability:
+ninja, a dependency) into a cache directory keyed by the source, the flags, Python, torch and the CPU's vector capability:
 $VATTN_KERNEL_CACHE, else ~/.cache/vattn/kernels. Build it ahead with
 
     python -m vattn.attention.cpu_kernels --build
@@ -23,6 +23,7 @@ import argparse
 import hashlib
 import os
 import re
+import shutil
 import sys
 import sysconfig
 import threading
@@ -64,6 +65,14 @@ def _module_name() -> str:
     return re.sub(r"\W", "_", f"vattn_cpu_attention_{tag}_{key}").lower()
 
 
+def _put_ninja_on_path() -> None:
+    """torch runs `ninja` from PATH; the ninja wheel (a dependency) puts it next to this interpreter's scripts, which
+    are not on PATH when the venv's python is run without activating the venv."""
+    scripts = sysconfig.get_path("scripts")
+    if shutil.which("ninja") is None and scripts and os.path.exists(os.path.join(scripts, "ninja")):
+        os.environ["PATH"] = scripts + os.pathsep + os.environ.get("PATH", "")
+
+
 def load(verbose: bool = False):
     """The compiled module (built on first use), or None after one warning when it cannot be built here."""
     global _ext, _error
@@ -73,6 +82,7 @@ def load(verbose: bool = False):
         try:
             from torch.utils.cpp_extension import load as cpp_load
 
+            _put_ninja_on_path()
             build_dir = build_directory()
             build_dir.mkdir(parents=True, exist_ok=True)
             _ext = cpp_load(name=_module_name(), sources=[str(SOURCE)], extra_cflags=_flags(),
