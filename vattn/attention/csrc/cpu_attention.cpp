@@ -222,7 +222,6 @@ void attend(const Layout& L, const Item& it, const T* q, T* out, const T* kc, co
   std::fill(l, l + R, 0.f);
   for (int64_t n0 = 0; n0 < kend; n0 += KBLOCK) {
     const int64_t nb = std::min(KBLOCK, kend - n0);
-    // Rows whose query sits at or past the block's last key see all of it; earlier rows see a prefix.
     // Every row sees the whole block unless the block reaches past the tile's first query (the causal corner).
     const bool all_visible = n0 + nb - 1 <= first + it.t0;
     for (int64_t c = 0; c < nb; ++c) {
