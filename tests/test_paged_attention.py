@@ -1,4 +1,4 @@
-"""PagedAttention (torch kernel) and PagedKVCache against a plain full-attention reference, plus the cache's rules."""
+"""PagedAttention (cpu and torch kernels) and PagedKVCache against a plain full-attention reference, plus the cache's rules."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vattn.attention.metadata import AttentionMetadata
 from vattn.attention.kernels import choose_kernel
+from vattn.attention.metadata import AttentionMetadata
 from vattn.attention.paged import PagedAttention
 from vattn.kv_cache.paged import PagedKVCache
 from vattn.sampling_params import SamplingParams
