@@ -1,4 +1,4 @@
-"""PagedAttention (torch kernel) and PagedKVCache against a plain full-attention reference, plus the cache's rules."""
+"""PagedAttention (cpu and torch kernels) and PagedKVCache against a plain full-attention reference, plus the cache's rules."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from vattn.attention.kernels import choose_kernel
 from vattn.attention.metadata import AttentionMetadata
-from vattn.attention.paged import PagedAttention, choose_kernel
+from vattn.attention.paged import PagedAttention
 from vattn.kv_cache.paged import PagedKVCache
 from vattn.kv_cache.prefix_hash import hash_chain
 from vattn.sampling_params import SamplingParams
@@ -31,22 +32,24 @@ def reference(q, k, v, scale):
     return torch.einsum("hqk,khd->qhd", F.softmax(s, -1), v)
 
 
-def make_cache(block_size=4, num_blocks=64, heads=2, head_dim=8, layers=2, prefix=False):
+def make_cache(block_size=4, num_blocks=64, heads=2, head_dim=8, layers=2, prefix=False, kernel="auto"):
     return PagedKVCache(num_layers=layers, num_kv_heads=heads, head_dim=head_dim, dtype=torch.float32, device=CPU,
                         max_num_seqs=8, max_model_len=256, block_size=block_size, enable_prefix_caching=prefix,
-                        memory_bytes=num_blocks * block_size * heads * head_dim * 4 * 2 * layers)
+                        memory_bytes=num_blocks * block_size * heads * head_dim * 4 * 2 * layers,
+                        attention_kernel=kernel)
 
 
+@pytest.mark.parametrize("kernel", ["cpu", "torch"])
 @pytest.mark.parametrize("hq,hk", [(4, 2), (2, 2)])
-def test_torch_kernel_matches_reference_over_steps(hq, hk):
+def test_cpu_kernels_match_reference_over_steps(hq, hk, kernel):
     """Chunked prefill then decode for three sequences of different lengths, all through the cache."""
     torch.manual_seed(0)
     D, bs = 8, 4
-    cache = make_cache(block_size=bs, heads=hk, head_dim=D)
+    cache = make_cache(block_size=bs, heads=hk, head_dim=D, kernel=kernel)
     for p in cache.k_pools + cache.v_pools:
         p.fill_(float("nan"))  # any read of a slot nobody wrote poisons the output
     attn = cache.attention_backend
-    assert attn.kernel == "torch"
+    assert attn.kernel == kernel
     lens = [13, 5, 8]  # not multiples of the block size
     seqs = [make_seq(range(n)) for n in lens]
     full = [(torch.randn(n + 6, hq, D), torch.randn(n + 6, hk, D), torch.randn(n + 6, hk, D)) for n in lens]
@@ -213,9 +216,9 @@ def test_prefix_cache_off_by_default_and_errors():
         PagedKVCache(num_layers=1, num_kv_heads=1, head_dim=8, dtype=torch.float32, device=CPU, max_num_seqs=1,
                      max_model_len=8, memory_bytes=1 << 20, block_size=0)
     with pytest.raises(ValueError, match="kernel"):
-        choose_kernel("cuda_magic", CPU, 16)
+        choose_kernel("paged", "cuda_magic", CPU, torch.float32, 8, 16)
     with pytest.raises(ValueError, match="flash_attn"):
-        choose_kernel("flash_attn", CPU, 16)
+        choose_kernel("paged", "flash_attn", CPU, torch.float32, 8, 16)
     with pytest.raises(ValueError, match="block_size"):
         PagedAttention([torch.zeros(2, 4, 1, 8)], [torch.zeros(2, 4, 1, 8)], 1.0, block_size=8)
     meta = AttentionMetadata.build_contiguous([1], [1], [0])

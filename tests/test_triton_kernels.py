@@ -146,7 +146,8 @@ def test_backends_with_triton_kernel_match_their_defaults(tk):
     caches = [torch.randn(3, 12, hk, d, device=DEV) for _ in range(2)]
     meta = AttentionMetadata.build_contiguous(qlens, ctxs, [2, 0], DEV)
     ref = ContiguousAttention([caches[0].clone()], [caches[1].clone()], d ** -0.5, kernel="sdpa").forward(0, q, k, v, meta)
-    tri = tk.ContiguousTritonAttention([caches[0].clone()], [caches[1].clone()], d ** -0.5)
+    tri = ContiguousAttention([caches[0].clone()], [caches[1].clone()], d ** -0.5, kernel="triton")
+    assert tri.kernel == "triton"
     torch.testing.assert_close(tri.forward(0, q, k, v, meta), ref, atol=2e-5, rtol=1e-4)
 
 
@@ -173,7 +174,7 @@ _UNMAPPED_PROBE = textwrap.dedent("""
     pool = PagePool(backend, 8 * page)
     hk, d, L = 2, 16, 1024  # 128 B a token: 512 tokens a page, 2 pages a row
     kv = [VirtualTensor(pool, (3, L, hk, d), torch.float32) for _ in range(2)]
-    ctxs, slots = [512, 37], [2, 0]
+    ctxs, slots = [512, 37], [2, 1]  # row 0 is unmapped: the kernel must be handed the caches from row 1 on
     for t in kv:
         for s in slots:
             t.map(s * 2, 1)  # only the first page of each used row: position 512 and on are unmapped
@@ -187,6 +188,12 @@ _UNMAPPED_PROBE = textwrap.dedent("""
     out = tk.contiguous_attention(q, kv[0].tensor, kv[1].tensor, torch.tensor(slots, dtype=torch.int32),
                                   torch.tensor(ctxs, dtype=torch.int32), cu, 3, d ** -0.5)
     assert torch.isfinite(out).all()
+    for i, (s, c, n) in enumerate(zip(slots, ctxs, qlens)):  # a plain reference on the mapped rows
+        qs = q[[0, 3][i]: [3, 4][i]].transpose(0, 1)
+        ks, vs = (t.tensor[s, :c].transpose(0, 1).repeat_interleave(2, 0) for t in kv)
+        mask = torch.arange(c)[None, :] <= torch.arange(c - n, c)[:, None]
+        ref = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=d ** -0.5)
+        torch.testing.assert_close(out[[0, 3][i]: [3, 4][i]], ref.transpose(0, 1), atol=2e-5, rtol=1e-4)
     print("ok")
 """)
 

@@ -33,8 +33,9 @@ HELP = {  # for fields whose line in config.py carries no comment
     "max_num_batched_tokens": "most tokens (prefill + decode) computed in one engine step",
     "enable_prefix_caching": "reuse the KV cache of a shared prompt prefix",
     "seed": "seed of the engine's default random generator",
-    "attention_kernel": "attention kernel: auto, or for vattention sdpa|torch_flash|flash_attn|triton, "
-                        "for paged torch|triton|flash_attn",
+    "attention_kernel": "attention kernel: auto, or for vattention "
+                        + "|".join(config_module.ATTENTION_KERNELS["vattention"][1:])
+                        + ", for paged " + "|".join(config_module.ATTENTION_KERNELS["paged"][1:]),
 }
 _CLOSE_TIMEOUT = 5.0  # seconds, after the drain, for responses already ended to reach their clients
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}

@@ -6,13 +6,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from vattn.attention.kernels import KERNELS as ATTENTION_KERNELS
+
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
 
 KV_CACHE_KINDS = ("vattention", "paged")
 PREEMPTION_MODES = ("recompute", "swap")
 KV_LAYOUTS = ("per_layer", "interleaved")
-ATTENTION_KERNELS = {"vattention": ("auto", "sdpa", "torch_flash", "flash_attn", "triton"),
-                     "paged": ("auto", "torch", "triton", "flash_attn")}
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -33,7 +33,7 @@ class EngineConfig:
     preemption_mode: str | None = None  # None: "swap" on GPU, "recompute" on CPU
     background_mapping: bool = True  # map next step's pages on a helper thread
     seed: int = 0
-    # "auto", or one of the chosen path's kernels: vattention sdpa|torch_flash|flash_attn|triton, paged torch|triton|flash_attn
+    # "auto", or one of the chosen path's kernels: vattention cpu|sdpa|torch_flash|flash_attn|triton, paged cpu|torch|triton|flash_attn
     attention_kernel: str = "auto"
 
     def __post_init__(self) -> None:

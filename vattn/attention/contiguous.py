@@ -4,7 +4,11 @@ Row `slot` of a cache holds one sequence; only positions [0, context_len) of the
 in the batch are guaranteed mapped. Every kernel here writes and reads exactly those positions: touching
 anything else may hit an unmapped page and kill the process.
 
-Kernels:
+Kernels (names and the choice of "auto" live in vattn.attention.kernels):
+  cpu         our batched C++ kernel (vattn.attention.cpu_kernels): one call per layer per step for the whole
+              batch, the K/V write fused in, multi-threaded over sequences x kv heads x query tiles, walking each
+              row only up to its context length; takes the caches' strides, so the interleaved layout works.
+              The CPU default.
   sdpa        per-sequence views cache[slot, :ctx] -> F.scaled_dot_product_attention (any device/dtype).
   torch_flash torch's own FlashAttention-2 (aten._flash_attention_forward, varlen) over the cache viewed
               as [S*L, Hk, D]: sequence i's keys start at cum_seq_k[i] = slot*L and seqused_k[i] = ctx of
@@ -17,58 +21,21 @@ Kernels:
               multiple of 256 such steps go to torch_flash.
   triton      our Triton kernel's contiguous twin (vattn.attention.triton_kernels.contiguous_attention), the
               same kernel family as the paged path's default GPU kernel, so the two layouts compare on one kernel.
-              Needs CUDA, or TRITON_INTERPRET=1 on CPU (slow: tests only).
+              Needs CUDA, or TRITON_INTERPRET=1 on CPU (slow: tests only). It is handed caches that start at the
+              lowest slot of the batch, whose first page is mapped (Triton's launcher refuses unmapped pointers).
 All kernels use bottom-right causal alignment: query j of sequence i sits at ctx - qlen + j and sees keys
 at positions <= its own.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
+from vattn.attention.kernels import choose_kernel, flash_attn_available, torch_flash_supported
 from vattn.attention.metadata import AttentionMetadata
 
-KERNELS = ("auto", "sdpa", "torch_flash", "flash_attn", "triton")
-
-
-def flash_attn_available() -> bool:
-    try:
-        import flash_attn  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-def torch_flash_supported(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
-    return (
-        device.type == "cuda"
-        and dtype in (torch.float16, torch.bfloat16)
-        and head_dim % 8 == 0
-        and head_dim <= 256
-        and torch.cuda.get_device_capability(device)[0] >= 8
-    )
-
-
-def choose_kernel(kernel: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
-    """Resolve "auto": flash_attn, else torch_flash on CUDA for fp16/bf16, else sdpa."""
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    if kernel == "triton":
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError("kernel 'triton' needs a CUDA device (or TRITON_INTERPRET=1 on CPU)")
-        return kernel
-    if kernel != "auto":
-        if kernel in ("torch_flash", "flash_attn") and not torch_flash_supported(device, dtype, head_dim):
-            raise ValueError(f"kernel {kernel!r} needs a CUDA sm80+ device, fp16/bf16 and head_dim % 8 == 0 <= 256")
-        if kernel == "flash_attn" and not flash_attn_available():
-            raise ValueError("kernel 'flash_attn' requested but `import flash_attn` fails")
-        return kernel
-    if not torch_flash_supported(device, dtype, head_dim):
-        return "sdpa"
-    return "flash_attn" if flash_attn_available() else "torch_flash"
+__all__ = ["ContiguousAttention", "flash_attn_available", "torch_flash_supported"]
 
 
 class ContiguousAttention:
@@ -86,8 +53,8 @@ class ContiguousAttention:
                     raise ValueError(f"{name}[{i}] is {tuple(c.shape)} {c.dtype} {c.device}, expected {shape} {ref.dtype} {ref.device}")
         self.k_caches, self.v_caches, self.scale = k_caches, v_caches, float(scale)
         self.max_num_seqs, self.max_model_len, self.num_kv_heads, self.head_dim = shape
-        self.kernel = choose_kernel(kernel, ref.device, ref.dtype, self.head_dim)
-        if self.kernel != "sdpa" and self.max_num_seqs * self.max_model_len >= 2**31:
+        self.kernel = choose_kernel("vattention", kernel, ref.device, ref.dtype, self.head_dim)
+        if self.kernel not in ("sdpa", "cpu") and self.max_num_seqs * self.max_model_len >= 2**31:
             raise ValueError(f"max_num_seqs * max_model_len = {self.max_num_seqs * self.max_model_len} overflows int32 offsets")
 
     def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
@@ -106,12 +73,16 @@ class ContiguousAttention:
             raise ValueError(f"slots {meta.slots} out of range for a cache of max_num_seqs {self.max_num_seqs}")
         if meta.max_context_len > self.max_model_len:
             raise ValueError(f"max_context_len {meta.max_context_len} exceeds the cache's max_model_len {self.max_model_len}")
-        self.write_kv(layer, k, v, meta)
         kc, vc = self.k_caches[layer], self.v_caches[layer]
+        if self.kernel == "cpu":  # writes k/v itself, then attends, in one call
+            from vattn.attention.cpu_kernels import contiguous_attention
+            return contiguous_attention(q, kc, vc, meta.slots_tensor, meta.context_lens_tensor, meta.cu_query_lens,
+                                        self.scale, k_new=k, v_new=v)
+        self.write_kv(layer, k, v, meta)
         if self.kernel == "triton":
             from vattn.attention.triton_kernels import contiguous_attention
             return contiguous_attention(q, kc, vc, meta.slots_tensor, meta.context_lens_tensor, meta.cu_query_lens,
-                                        meta.max_query_len, self.scale)
+                                        meta.max_query_len, self.scale, base_slot=min(meta.slots))
         if self.kernel == "flash_attn":
             return self._flash_attn(q, kc, vc, meta)
         if self.kernel == "torch_flash":

@@ -3,9 +3,11 @@
 A sequence's tokens live in the blocks its block table lists, in order; token p sits in block table[p // bs] at
 offset p % bs. Each step first writes its K/V at `slot_mapping` (flat index block * bs + offset), then attends.
 
-Kernels:
+Kernels (names and the choice of "auto" live in vattn.attention.kernels):
+  cpu         the paged twin of our batched C++ kernel (vattn.attention.cpu_kernels): one call per layer per step,
+              the K/V write fused in, rows found through the block table; the CPU default.
   torch       per sequence, gather only the blocks < ceil(ctx / bs) through the table, cut to ctx keys, then SDPA
-              with a bottom-right causal mask and GQA (any device and dtype; the CPU default).
+              with a bottom-right causal mask and GQA (any device and dtype).
   triton      our Triton paged kernel (vattn.attention.triton_kernels), the GPU default; it has a twin over the
               contiguous layout so the two layouts can be compared on one kernel.
   flash_attn  flash-attn's paged path (block_table=...), which needs block_size a multiple of 256.
@@ -17,27 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from vattn.attention.kernels import choose_kernel
 from vattn.attention.metadata import AttentionMetadata
-
-KERNELS = ("auto", "torch", "triton", "flash_attn")
-
-
-def choose_kernel(kernel: str, device: torch.device, block_size: int) -> str:
-    """Resolve "auto": triton on CUDA, torch elsewhere; check that an explicit choice can run here."""
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    if kernel == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    if kernel == "flash_attn":
-        if device.type != "cuda":
-            raise ValueError("kernel 'flash_attn' needs a CUDA device")
-        if block_size % 256:
-            raise ValueError(f"kernel 'flash_attn' needs block_size a multiple of 256, got {block_size}")
-        try:
-            import flash_attn  # noqa: F401
-        except Exception as e:
-            raise ValueError("kernel 'flash_attn' requested but `import flash_attn` fails") from e
-    return kernel
 
 
 class PagedAttention:
@@ -58,7 +41,7 @@ class PagedAttention:
                                      f"{shape} {ref.dtype} {ref.device}")
         self.k_pools, self.v_pools, self.scale, self.block_size = k_pools, v_pools, float(scale), block_size
         self.num_blocks, _, self.num_kv_heads, self.head_dim = shape
-        self.kernel = choose_kernel(kernel, ref.device, block_size)
+        self.kernel = choose_kernel("paged", kernel, ref.device, ref.dtype, self.head_dim, block_size)
 
     def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
         """pool.flat[slot_mapping[t]] = k[t], v[t]."""
@@ -76,8 +59,12 @@ class PagedAttention:
                              f"[T, {self.num_kv_heads}, {self.head_dim}]")
         if q.shape[0] != meta.slot_mapping.numel() or k.shape[0] != q.shape[0]:
             raise ValueError(f"q has {q.shape[0]} tokens, k {k.shape[0]}, slot_mapping {meta.slot_mapping.numel()}")
-        self.write_kv(layer, k, v, meta)
         kp, vp = self.k_pools[layer], self.v_pools[layer]
+        if self.kernel == "cpu":  # writes k/v through the block table itself, then attends, in one call
+            from vattn.attention.cpu_kernels import paged_attention
+            return paged_attention(q, kp, vp, meta.block_tables, meta.context_lens_tensor, meta.cu_query_lens,
+                                   self.scale, k_new=k, v_new=v)
+        self.write_kv(layer, k, v, meta)
         if self.kernel == "triton":
             from vattn.attention.triton_kernels import paged_attention
             return paged_attention(q, kp, vp, meta.block_tables, meta.context_lens_tensor, meta.cu_query_lens,

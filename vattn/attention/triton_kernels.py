@@ -12,6 +12,9 @@ positions <= its own (bottom-right causal), so the same kernel serves prefill, c
 masked to positions < ctx: no key past a sequence's length is ever touched, which matters on the contiguous layout
 where those addresses may be unmapped.
 
+Both dots ask for input_precision="ieee": for fp32 inputs Triton's default on NVIDIA is TF32 (10-bit mantissa),
+which would make the fp32 path disagree with the reference; bf16/fp16 inputs are unaffected.
+
 On CPU the kernels run under the Triton interpreter (TRITON_INTERPRET=1 set before this module is imported).
 """
 
@@ -21,16 +24,13 @@ import torch
 import triton
 import triton.language as tl
 
-from vattn.attention.contiguous import ContiguousAttention
-from vattn.attention.metadata import AttentionMetadata
-
 
 @triton.jit
 def _attention_kernel(
     Q, K, V, OUT, ROWS, CTX, CU_Q,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kr, stride_kp, stride_kh, stride_vr, stride_vp, stride_vh,
-    stride_rows, scale,
+    stride_rows, row_base, scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, PAGED: tl.constexpr,
 ):
@@ -65,21 +65,21 @@ def _attention_kernel(
             row = tl.load(ROWS + b * stride_rows + offs_n // PAGE, mask=n_mask, other=0).to(tl.int64)
             pos = (offs_n % PAGE).to(tl.int64)
         else:
-            row = tl.load(ROWS + b).to(tl.int64) + tl.zeros([BLOCK_N], tl.int64)
+            row = tl.load(ROWS + b).to(tl.int64) - row_base + tl.zeros([BLOCK_N], tl.int64)
             pos = offs_n.to(tl.int64)
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(K + row[:, None] * stride_kr + pos[:, None] * stride_kp + kv_h * stride_kh + offs_d[None, :],
                     mask=kv_mask, other=0.0)
         v = tl.load(V + row[:, None] * stride_vr + pos[:, None] * stride_vp + kv_h * stride_vh + offs_d[None, :],
                     mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
+        s = tl.dot(q, tl.trans(k), input_precision="ieee").to(tl.float32) * scale
         visible = n_mask[None, :] & (offs_n[None, :] <= q_pos[:, None])
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee").to(tl.float32)
         m_i = m_new
     out = acc / l_i[:, None]
     tl.store(OUT + tok[:, None] * stride_ot + h * stride_oh + offs_d[None, :], out.to(OUT.dtype.element_ty),
@@ -100,7 +100,7 @@ def _check(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, cu_query_lens: t
         raise ValueError(f"cu_query_lens has {cu_query_lens.numel()} entries, expected len(context_lens) + 1")
 
 
-def _launch(q, kc, vc, rows, stride_rows, context_lens, cu_query_lens, max_query_len, scale, page, paged,
+def _launch(q, kc, vc, rows, stride_rows, row_base, context_lens, cu_query_lens, max_query_len, scale, page, paged,
             block_m, block_n, out):
     _check(q, kc, vc, cu_query_lens, context_lens)
     T, H, D = q.shape
@@ -115,7 +115,7 @@ def _launch(q, kc, vc, rows, stride_rows, context_lens, cu_query_lens, max_query
         q, kc, vc, out, rows, context_lens, cu_query_lens,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kc.stride(0), kc.stride(1), kc.stride(2), vc.stride(0), vc.stride(1), vc.stride(2),
-        stride_rows, float(scale),
+        stride_rows, row_base, float(scale),
         GROUP=H // kc.shape[2], HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
         BLOCK_M=block_m, BLOCK_N=block_n, PAGE=page, PAGED=paged,
     )
@@ -129,34 +129,25 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
     if block_tables.dim() != 2 or block_tables.shape[0] != context_lens.numel():
         raise ValueError(f"block_tables must be [B, max_blocks] with B = {context_lens.numel()}, "
                          f"got {tuple(block_tables.shape)}")
-    return _launch(q, k_pool, v_pool, block_tables, block_tables.stride(0), context_lens, cu_query_lens,
+    return _launch(q, k_pool, v_pool, block_tables, block_tables.stride(0), 0, context_lens, cu_query_lens,
                    max_query_len, scale, k_pool.shape[1], True, block_m, block_n, out)
 
 
 def contiguous_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
                          context_lens: torch.Tensor, cu_query_lens: torch.Tensor, max_query_len: int, scale: float,
                          out: torch.Tensor | None = None, block_m: int | None = None,
-                         block_n: int = 32) -> torch.Tensor:
-    """The twin: q [T, H, D] over caches [max_num_seqs, L, Hk, D], sequence b in row slots[b]."""
+                         block_n: int = 32, base_slot: int | None = None) -> torch.Tensor:
+    """The twin: q [T, H, D] over caches [max_num_seqs, L, Hk, D], sequence b in row slots[b].
+
+    The kernel is handed the caches from row `base_slot` on (default: the lowest of `slots`, read with a sync), so
+    that every pointer it receives is mapped memory: a virtual cache's row 0 may be unmapped, and Triton's launcher
+    refuses pointers into unmapped pages. base_slot must be <= every slot and belong to a sequence with ctx >= 1.
+    """
     if slots.numel() != context_lens.numel():
         raise ValueError(f"slots has {slots.numel()} entries, context_lens has {context_lens.numel()}")
-    return _launch(q, k_cache, v_cache, slots, 0, context_lens, cu_query_lens, max_query_len, scale,
-                   1, False, block_m, block_n, out)
-
-
-class ContiguousTritonAttention(ContiguousAttention):
-    """ContiguousAttention whose kernel is our Triton twin (for layout-vs-layout comparisons on one kernel)."""
-
-    def __init__(self, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor], scale: float):
-        super().__init__(k_caches, v_caches, scale, kernel="sdpa")
-        self.kernel = "triton"
-
-    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
-        if meta.token_slots is None or meta.slots_tensor is None:
-            raise ValueError("meta has no slots: build it with AttentionMetadata.build_contiguous")
-        if meta.max_context_len > self.max_model_len:
-            raise ValueError(f"max_context_len {meta.max_context_len} exceeds max_model_len {self.max_model_len}")
-        self.write_kv(layer, k, v, meta)
-        return contiguous_attention(q, self.k_caches[layer], self.v_caches[layer], meta.slots_tensor,
-                                    meta.context_lens_tensor, meta.cu_query_lens, meta.max_query_len, self.scale)
+    if base_slot is None:
+        base_slot = int(slots.min()) if slots.numel() else 0
+    if not 0 <= base_slot < max(k_cache.shape[0], 1):
+        raise ValueError(f"base_slot {base_slot} out of range for a cache of {k_cache.shape[0]} rows")
+    return _launch(q, k_cache[base_slot:], v_cache[base_slot:], slots, 0, base_slot, context_lens, cu_query_lens,
+                   max_query_len, scale, 1, False, block_m, block_n, out)

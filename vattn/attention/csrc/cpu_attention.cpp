@@ -1,0 +1,407 @@
+// vattn's CPU attention: one call per layer per step for a whole ragged batch (prefill, chunked prefill and
+// decode mixed), over the virtually contiguous cache or over a paged pool. The CPU counterpart of
+// FlashAttention's cache_seqlens / cache_batch_idx (contiguous) and block_table (paged) arguments.
+//
+// Contract (checked before anything is read or written):
+//   q, out       [T, H, D]; sequence b's tokens are q[cu_q[b] : cu_q[b+1]]  (qlen_b = cu_q[b+1] - cu_q[b])
+//   k/v caches   [R, P, Hk, D] with any strides but a contiguous last axis (the interleaved layout's
+//                per-layer views have a token stride larger than Hk * D)
+//   rows         contiguous: int32 [B], the row (slot) of each sequence, page = 0
+//                paged:      int32 [B, W], the block table of each sequence, page = P (tokens per block)
+//   context_lens int32 [B]: after this step sequence b holds ctx_b tokens; its queries sit at positions
+//                [ctx_b - qlen_b, ctx_b) and query j sees keys at positions <= ctx_b - qlen_b + j
+//                (bottom-right causal). H must be a multiple of Hk (GQA: query head h reads kv head h / (H/Hk)).
+//   k_new/v_new  optional [T, Hk, D]: written at the queries' own positions before attending (the step's
+//                K/V write, fused into the same call).
+// Key n of sequence b lives at row = rows[b], position n (contiguous) or row = rows[b, n / P], position
+// n % P (paged): the only difference between the two layouts. No position >= ctx_b of any sequence is
+// ever touched: on the vAttention cache those addresses may be unmapped, and reading them kills the process.
+//
+// Work is split over (sequence, kv head, tile of QTILE queries); each item streams its keys in blocks of
+// KBLOCK with an online softmax, every query head of the GQA group sharing each key and value row it loads.
+// Items are handed out longest first from an atomic counter, on torch's intra-op threads (at::parallel_for).
+// Inputs may be float32, bfloat16 or float16; scores, softmax and accumulators are float32.
+
+#include <ATen/Parallel.h>
+#include <ATen/ATen.h>
+#include <torch/python.h>
+
+#include <algorithm>
+#include <bit>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t QTILE = 16;   // query tokens per work item
+constexpr int64_t KBLOCK = 64;  // keys per online-softmax block
+
+inline float to_float(float x) { return x; }
+inline float to_float(c10::BFloat16 x) {
+  uint32_t bits = static_cast<uint32_t>(x.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+inline float to_float(c10::Half x) { return static_cast<float>(x); }
+
+// A row of D values as float: the row itself for float32, else converted into buf.
+template <typename T>
+inline const float* as_float(const T* src, float* buf, int64_t D) {
+  for (int64_t d = 0; d < D; ++d) buf[d] = to_float(src[d]);
+  return buf;
+}
+template <>
+inline const float* as_float<float>(const float* src, float*, int64_t) { return src; }
+
+// The softmax helpers below reduce LANES partial results lane-wise, then in a tree, so they vectorize without
+// fast-math.
+constexpr int64_t LANES = 16;
+
+// a . b over D floats, reduced in registers: a compiler-vectorized reduction goes through the stack (a vector store,
+// then scalar reloads), which stalls on every one of the batch's many short dot products.
+#if defined(__AVX512F__)
+inline float dot(const float* a, const float* b, int64_t D) {
+  __m512 acc = _mm512_setzero_ps();
+  int64_t d = 0;
+  for (; d + 16 <= D; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + d), _mm512_loadu_ps(b + d), acc);
+  if (d < D) {
+    const __mmask16 tail = static_cast<__mmask16>((1u << (D - d)) - 1);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, a + d), _mm512_maskz_loadu_ps(tail, b + d), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+inline float dot(const float* a, const float* b, int64_t D) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc);
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  x = _mm_add_ss(x, _mm_movehdup_ps(x));
+  float s = _mm_cvtss_f32(x);
+  for (; d < D; ++d) s += a[d] * b[d];
+  return s;
+}
+#else
+inline float dot(const float* a, const float* b, int64_t D) {
+  float s = 0.f;
+  for (int64_t d = 0; d < D; ++d) s += a[d] * b[d];
+  return s;
+}
+#endif
+
+// e^x for the softmax's x = score - max <= 0, in plain arithmetic the compiler vectorizes (libm's expf is a call
+// per element): x = k ln2 + f with |f| <= ln2 / 2, e^f by Cephes' degree-6 polynomial, 2^k through the exponent
+// bits. About 1 ulp; x < -87 (including -inf, a hidden key) gives exactly 0; NaN stays NaN.
+inline float exp_nonpositive(float x) {
+  const float k = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float f = x - k * 0.693359375f + k * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * f + 1.3981999507e-3f;
+  p = p * f + 8.3334519073e-3f;
+  p = p * f + 4.1665795894e-2f;
+  p = p * f + 1.6666665459e-1f;
+  p = p * f + 5.0000001201e-1f;
+  p = p * f * f + f + 1.f;
+  const int32_t e = static_cast<int32_t>(std::max(k, -127.f)) + 127;
+  const float scale = std::bit_cast<float>(static_cast<uint32_t>(e) << 23);
+  return x < -87.f ? 0.f : p * scale;
+}
+
+// max(init, x[0..n)), lane-wise then a tree, so that it vectorizes without fast-math.
+inline float block_max(const float* x, int64_t n, float init) {
+  float lane[LANES];
+  std::fill(lane, lane + LANES, init);
+  int64_t c = 0;
+  for (; c + LANES <= n; c += LANES) {
+    for (int64_t i = 0; i < LANES; ++i) lane[i] = std::max(lane[i], x[c + i]);
+  }
+  for (; c < n; ++c) lane[0] = std::max(lane[0], x[c]);
+  for (int64_t w = LANES / 2; w > 0; w /= 2) {
+    for (int64_t i = 0; i < w; ++i) lane[i] = std::max(lane[i], lane[i + w]);
+  }
+  return lane[0];
+}
+
+// x[c] = e^(x[c] - mx) in place; returns their sum.
+inline float exp_sub_sum(float* x, int64_t n, float mx) {
+  float lane[LANES] = {};
+  int64_t c = 0;
+  for (; c + LANES <= n; c += LANES) {
+    for (int64_t i = 0; i < LANES; ++i) {
+      x[c + i] = exp_nonpositive(x[c + i] - mx);
+      lane[i] += x[c + i];
+    }
+  }
+  for (; c < n; ++c) {
+    x[c] = exp_nonpositive(x[c] - mx);
+    lane[0] += x[c];
+  }
+  for (int64_t w = LANES / 2; w > 0; w /= 2) {
+    for (int64_t i = 0; i < w; ++i) lane[i] += lane[i + w];
+  }
+  return lane[0];
+}
+
+inline void axpy(float* y, float a, const float* x, int64_t D) {
+  for (int64_t d = 0; d < D; ++d) y[d] += a * x[d];
+}
+
+// Where key (or value) n of sequence b lives, in elements from the cache's base.
+struct Layout {
+  const int32_t* rows;
+  int64_t rows_stride;  // paged: the block table's row stride; contiguous: unused
+  int64_t page;         // paged: tokens per block; contiguous: 0
+  int64_t k_row, k_pos, k_head, v_row, v_pos, v_head;
+
+  template <bool PAGED>
+  inline void locate(int64_t b, int64_t n, int64_t& row, int64_t& pos) const {
+    if (PAGED) {
+      row = rows[b * rows_stride + n / page];
+      pos = n % page;
+    } else {
+      row = rows[b];
+      pos = n;
+    }
+  }
+};
+
+struct Item {
+  int64_t b, kv_head, t0, t1, cost;
+};
+
+template <typename T, bool PAGED>
+void write_kv(const Layout& L, T* kc, T* vc, const T* kn, const T* vn, const int32_t* cu, const int32_t* ctx,
+              int64_t B, int64_t Hk, int64_t D, int64_t kn_t, int64_t kn_h, int64_t vn_t, int64_t vn_h) {
+  at::parallel_for(0, B, 8, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t qlen = cu[b + 1] - cu[b], start = ctx[b] - qlen;
+      for (int64_t j = 0; j < qlen; ++j) {
+        int64_t row, pos, t = cu[b] + j;
+        L.locate<PAGED>(b, start + j, row, pos);
+        for (int64_t h = 0; h < Hk; ++h) {
+          std::memcpy(kc + row * L.k_row + pos * L.k_pos + h * L.k_head, kn + t * kn_t + h * kn_h, D * sizeof(T));
+          std::memcpy(vc + row * L.v_row + pos * L.v_pos + h * L.v_head, vn + t * vn_t + h * vn_h, D * sizeof(T));
+        }
+      }
+    }
+  });
+}
+
+// One work item: query tokens [t0, t1) of sequence b, the G query heads of kv head kvh.
+template <typename T, bool PAGED>
+void attend(const Layout& L, const Item& it, const T* q, T* out, const T* kc, const T* vc, const int32_t* cu,
+            const int32_t* ctxs, int64_t G, int64_t D, int64_t q_t, int64_t q_h, int64_t o_t, int64_t o_h,
+            float scale, std::vector<float>& ws) {
+  const int64_t b = it.b, kvh = it.kv_head, nq = it.t1 - it.t0, R = nq * G;
+  const int64_t ctx = ctxs[b], qlen = cu[b + 1] - cu[b], first = ctx - qlen;  // position of query 0
+  const int64_t kend = first + it.t1;  // the tile's last query sees keys [0, kend)
+  ws.resize(R * D * 2 + R * KBLOCK + R * 2 + D * 2);
+  float* qf = ws.data();            // [R, D] scaled queries, row r = (token t0 + r / G, head kvh * G + r % G)
+  float* acc = qf + R * D;          // [R, D]
+  float* s = acc + R * D;           // [R, KBLOCK] scores, then probabilities
+  float* m = s + R * KBLOCK;        // [R] running max
+  float* l = m + R;                 // [R] running sum
+  float* kbuf = l + R;              // [D] a converted key row (non-float32 inputs)
+  float* vbuf = kbuf + D;           // [D]
+  for (int64_t r = 0; r < R; ++r) {
+    const T* src = q + (cu[b] + it.t0 + r / G) * q_t + (kvh * G + r % G) * q_h;
+    for (int64_t d = 0; d < D; ++d) qf[r * D + d] = to_float(src[d]) * scale;
+  }
+  std::fill(acc, acc + R * D, 0.f);
+  std::fill(m, m + R, -std::numeric_limits<float>::infinity());
+  std::fill(l, l + R, 0.f);
+  for (int64_t n0 = 0; n0 < kend; n0 += KBLOCK) {
+    const int64_t nb = std::min(KBLOCK, kend - n0);
+    // Every row sees the whole block unless the block reaches past the tile's first query (the causal corner).
+    const bool all_visible = n0 + nb - 1 <= first + it.t0;
+    for (int64_t c = 0; c < nb; ++c) {
+      const int64_t n = n0 + c;
+      int64_t row, pos;
+      L.locate<PAGED>(b, n, row, pos);
+      const float* kf = as_float(kc + row * L.k_row + pos * L.k_pos + kvh * L.k_head, kbuf, D);
+      for (int64_t r = 0; r < R; ++r) {
+        const bool visible = all_visible || n <= first + it.t0 + r / G;
+        s[r * KBLOCK + c] = visible ? dot(qf + r * D, kf, D) : -std::numeric_limits<float>::infinity();
+      }
+    }
+    for (int64_t r = 0; r < R; ++r) {
+      float* sr = s + r * KBLOCK;
+      const float mx = block_max(sr, nb, m[r]);  // finite: key 0 is visible to every query
+      const float alpha = exp_nonpositive(m[r] - mx);  // 0 on the first block (m = -inf)
+      const float sum = exp_sub_sum(sr, nb, mx);  // hidden keys (-inf) get exactly 0
+      l[r] = l[r] * alpha + sum;
+      m[r] = mx;
+      if (alpha != 1.f) {
+        float* ar = acc + r * D;
+        for (int64_t d = 0; d < D; ++d) ar[d] *= alpha;
+      }
+    }
+    for (int64_t c = 0; c < nb; ++c) {
+      int64_t row, pos;
+      L.locate<PAGED>(b, n0 + c, row, pos);
+      const float* vf = as_float(vc + row * L.v_row + pos * L.v_pos + kvh * L.v_head, vbuf, D);
+      for (int64_t r = 0; r < R; ++r) {
+        const float p = s[r * KBLOCK + c];
+        if (p != 0.f) axpy(acc + r * D, p, vf, D);
+      }
+    }
+  }
+  for (int64_t r = 0; r < R; ++r) {
+    T* dst = out + (cu[b] + it.t0 + r / G) * o_t + (kvh * G + r % G) * o_h;
+    const float inv = 1.f / l[r];
+    for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(acc[r * D + d] * inv);
+  }
+}
+
+template <typename T, bool PAGED>
+void run(const Layout& L, const torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& kc,
+         const torch::Tensor& vc, const int32_t* cu, const int32_t* ctx, int64_t B,
+         const c10::optional<torch::Tensor>& k_new, const c10::optional<torch::Tensor>& v_new, double scale) {
+  const int64_t H = q.size(1), D = q.size(2), Hk = kc.size(2), G = H / Hk;
+  T* kp = kc.data_ptr<T>();
+  T* vp = vc.data_ptr<T>();
+  if (k_new.has_value()) {
+    const auto& kn = *k_new;
+    const auto& vn = *v_new;
+    write_kv<T, PAGED>(L, kp, vp, kn.data_ptr<T>(), vn.data_ptr<T>(), cu, ctx, B, Hk, D, kn.stride(0), kn.stride(1),
+                       vn.stride(0), vn.stride(1));
+  }
+  std::vector<Item> items;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t qlen = cu[b + 1] - cu[b];
+    for (int64_t t0 = 0; t0 < qlen; t0 += QTILE) {
+      const int64_t t1 = std::min(qlen, t0 + QTILE), keys = ctx[b] - qlen + t1;
+      for (int64_t h = 0; h < Hk; ++h) items.push_back({b, h, t0, t1, (t1 - t0) * keys});
+    }
+  }
+  // Longest first, so that a long prefill tile does not start last and leave the other threads idle.
+  std::stable_sort(items.begin(), items.end(), [](const Item& x, const Item& y) { return x.cost > y.cost; });
+  const T* qp = q.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  const int64_t n = static_cast<int64_t>(items.size());
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
+    std::vector<float> ws;
+    for (int64_t w = w0; w < w1; ++w) {
+      for (int64_t i = next++; i < n; i = next++) {
+        attend<T, PAGED>(L, items[i], qp, op, kp, vp, cu, ctx, G, D, q.stride(0), q.stride(1), out.stride(0),
+                         out.stride(1), static_cast<float>(scale), ws);
+      }
+    }
+  });
+}
+
+void check_inputs(const torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& vc,
+                  const torch::Tensor& rows, const torch::Tensor& context_lens, const torch::Tensor& cu_query_lens,
+                  int64_t page, const c10::optional<torch::Tensor>& k_new,
+                  const c10::optional<torch::Tensor>& v_new) {
+  TORCH_CHECK_VALUE(q.dim() == 3 && out.sizes() == q.sizes(), "q and out must be [T, H, D] of one shape, got q ",
+                    q.sizes(), " out ", out.sizes());
+  TORCH_CHECK_VALUE(kc.dim() == 4 && vc.sizes() == kc.sizes(), "k and v caches must be 4-d and of one shape, got ",
+                    kc.sizes(), " and ", vc.sizes());
+  for (const auto* t : {&out, &q, &kc, &vc}) {
+    TORCH_CHECK_VALUE(t->device().is_cpu(), "cpu attention needs CPU tensors, got one on ", t->device());
+    TORCH_CHECK_VALUE(t->scalar_type() == q.scalar_type(), "q, out and the caches must share one dtype, got ",
+                      q.scalar_type(), " and ", t->scalar_type());
+    TORCH_CHECK_VALUE(t->stride(-1) == 1, "the head_dim axis of q, out and the caches must be contiguous");
+  }
+  const int64_t T = q.size(0), H = q.size(1), D = q.size(2), Hk = kc.size(2);
+  TORCH_CHECK_VALUE(kc.size(3) == D, "head_dim differs: q has ", D, ", the caches have ", kc.size(3));
+  TORCH_CHECK_VALUE(Hk > 0 && H % Hk == 0, "query heads (", H, ") must be a multiple of kv heads (", Hk, ")");
+  for (const auto* t : {&rows, &context_lens, &cu_query_lens}) {
+    TORCH_CHECK_VALUE(t->device().is_cpu() && t->scalar_type() == torch::kInt32,
+                      "slots / block tables, context_lens and cu_query_lens must be int32 CPU tensors");
+  }
+  TORCH_CHECK_VALUE(context_lens.dim() == 1 && context_lens.is_contiguous(), "context_lens must be a 1-d int32 tensor");
+  const int64_t B = context_lens.size(0);
+  TORCH_CHECK_VALUE(cu_query_lens.dim() == 1 && cu_query_lens.is_contiguous() && cu_query_lens.size(0) == B + 1,
+                    "cu_query_lens must be 1-d with len(context_lens) + 1 = ", B + 1, " entries, got ",
+                    cu_query_lens.sizes());
+  if (page == 0) {
+    TORCH_CHECK_VALUE(rows.dim() == 1 && rows.size(0) == B && rows.is_contiguous(), "slots must be [B = ", B,
+                      "] int32, got ", rows.sizes());
+  } else {
+    TORCH_CHECK_VALUE(rows.dim() == 2 && rows.size(0) == B && rows.stride(1) == 1,
+                      "block_tables must be [B = ", B, ", max_blocks] int32 with a contiguous last axis, got ",
+                      rows.sizes());
+    TORCH_CHECK_VALUE(page == kc.size(1), "page (", page, ") must equal the pools' block size ", kc.size(1));
+  }
+  TORCH_CHECK_VALUE(k_new.has_value() == v_new.has_value(), "pass both k_new and v_new, or neither");
+  if (k_new.has_value()) {
+    for (const auto* t : {&*k_new, &*v_new}) {
+      TORCH_CHECK_VALUE(t->dim() == 3 && t->size(0) == T && t->size(1) == Hk && t->size(2) == D,
+                        "k_new / v_new must be [T = ", T, ", Hk = ", Hk, ", D = ", D, "], got ", t->sizes());
+      TORCH_CHECK_VALUE(t->device().is_cpu() && t->scalar_type() == q.scalar_type() && t->stride(2) == 1,
+                        "k_new / v_new must be CPU tensors of q's dtype with a contiguous last axis");
+    }
+  }
+  const int32_t* cu = cu_query_lens.data_ptr<int32_t>();
+  const int32_t* ctx = context_lens.data_ptr<int32_t>();
+  const int32_t* r = rows.data_ptr<int32_t>();
+  TORCH_CHECK_VALUE(cu[0] == 0 && cu[B] == T, "cu_query_lens must run from 0 to T = ", T, ", got ", cu[0], " .. ",
+                    cu[B]);
+  const int64_t R = kc.size(0), P = kc.size(1);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t qlen = cu[b + 1] - cu[b];
+    TORCH_CHECK_VALUE(qlen >= 0 && qlen <= ctx[b], "sequence ", b, ": query length ", qlen,
+                      " must be between 0 and its context length ", ctx[b]);
+    if (page == 0) {
+      TORCH_CHECK_VALUE(r[b] >= 0 && r[b] < R, "sequence ", b, ": slot ", r[b], " out of range [0, ", R, ")");
+      TORCH_CHECK_VALUE(ctx[b] <= P, "sequence ", b, ": context length ", ctx[b], " exceeds the cache's ", P,
+                        " positions");
+    } else {
+      const int64_t used = (ctx[b] + page - 1) / page;
+      TORCH_CHECK_VALUE(used <= rows.size(1), "sequence ", b, ": context length ", ctx[b], " needs ", used,
+                        " blocks, its block table has ", rows.size(1));
+      for (int64_t i = 0; i < used; ++i) {
+        const int32_t blk = r[b * rows.stride(0) + i];
+        TORCH_CHECK_VALUE(blk >= 0 && blk < R, "sequence ", b, ": block table entry ", i, " = ", blk,
+                          " out of range [0, ", R, ")");
+      }
+    }
+  }
+}
+
+// The one entry point of both layouts: page == 0 for the contiguous cache (rows = slots), page == block size for
+// the paged pools (rows = block tables).
+void attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor rows,
+               torch::Tensor context_lens, torch::Tensor cu_query_lens, int64_t page, double scale,
+               c10::optional<torch::Tensor> k_new, c10::optional<torch::Tensor> v_new) {
+  check_inputs(out, q, k_cache, v_cache, rows, context_lens, cu_query_lens, page, k_new, v_new);
+  Layout L{rows.data_ptr<int32_t>(), page ? rows.stride(0) : 0, page,
+           k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+           v_cache.stride(0), v_cache.stride(1), v_cache.stride(2)};
+  const int32_t* cu = cu_query_lens.data_ptr<int32_t>();
+  const int32_t* ctx = context_lens.data_ptr<int32_t>();
+  const int64_t B = context_lens.size(0);
+#define VATTN_RUN(T)                                                                        \
+  if (page) run<T, true>(L, out, q, k_cache, v_cache, cu, ctx, B, k_new, v_new, scale);  \
+  else run<T, false>(L, out, q, k_cache, v_cache, cu, ctx, B, k_new, v_new, scale);
+  switch (q.scalar_type()) {
+    case torch::kFloat: VATTN_RUN(float) break;
+    case torch::kBFloat16: VATTN_RUN(c10::BFloat16) break;
+    case torch::kHalf: VATTN_RUN(c10::Half) break;
+    default: TORCH_CHECK_VALUE(false, "cpu attention supports float32, bfloat16 and float16, got ", q.scalar_type());
+  }
+#undef VATTN_RUN
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("attention", &attention, "batched causal attention over a contiguous (page=0) or paged KV cache",
+        py::arg("out"), py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("rows"),
+        py::arg("context_lens"), py::arg("cu_query_lens"), py::arg("page"), py::arg("scale"),
+        py::arg("k_new") = py::none(), py::arg("v_new") = py::none());
+}
