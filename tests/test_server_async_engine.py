@@ -176,3 +176,35 @@ def test_shutdown_fails_in_flight_requests_and_closes(async_engine):
 
     asyncio.run(main())
     assert not async_engine.is_running
+
+
+def test_shutdown_never_closes_the_engine_under_a_running_step(tiny_model):
+    """Issue 13 #9: a step still running after the join timeout must not have its KV pages unmapped under it."""
+    engine = LLMEngine(EngineConfig(model=tiny_model("llama"), max_model_len=96, max_num_seqs=4,
+                                    kv_cache_memory=2 << 20, device="cpu"))
+    in_step, release = threading.Event(), threading.Event()
+    real_step, closed = engine.step, []
+
+    def slow_step():
+        in_step.set()
+        release.wait(10)
+        return real_step()
+
+    engine.step = slow_step
+    real_close = engine.close
+    engine.close = lambda: closed.append(True) or real_close()
+    ae = AsyncEngine(engine)
+    ae.start()
+
+    async def main():
+        async with RequestGroup(ae) as g:
+            await g.add("r", "Hello", _params(4))
+            in_step.wait(10)
+            ae.shutdown(timeout=0.2)  # the step is still running
+            assert not closed and engine.kv.tensors  # the KV cache is still mapped
+    try:
+        asyncio.run(main())
+    finally:
+        release.set()
+        ae._thread.join(10)
+        real_close()

@@ -154,8 +154,9 @@ class AsyncEngine:
         self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
-        if self._thread.is_alive():
-            log.error("engine thread did not stop within %.1fs; closing anyway", timeout)
+        step_running = self._thread.is_alive()
+        if step_running:  # closing now would unmap KV pages under a running step: leave them to process exit
+            log.error("engine thread did not stop within %.1fs; leaving the KV cache to the process exit", timeout)
         for rid, tracked in list(self._live.items()):
             tracked.group._deliver(_Failure(rid, ShuttingDown("the server is shutting down")))
         self._live.clear()
@@ -165,8 +166,9 @@ class AsyncEngine:
             elif isinstance(cmd, _Add):
                 cmd.group._loop.call_soon_threadsafe(_resolve, cmd.added, ShuttingDown("the server is shutting down"))
         self._commands.clear()
-        self.engine.close()
-        log.info("engine stopped, KV cache closed")
+        if not step_running:
+            self.engine.close()
+            log.info("engine stopped, KV cache closed")
 
     def _submit(self, cmd) -> None:
         if self._stopping or self.dead is not None:
