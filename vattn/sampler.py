@@ -44,7 +44,7 @@ class SamplingRow:
 @dataclass
 class SampleResult:
     token_id: int
-    logprob: float  # raw model logprob of the chosen token
+    logprob: float  # raw model logprob of the chosen token (0.0 when no row of the batch asked for logprobs)
     # top-`logprobs` of the raw distribution in rank order, then the chosen token if not among them
     top_logprobs: dict[int, float] | None
 
@@ -172,8 +172,10 @@ class Sampler:
         logits = logits.float()
         x = self.apply_penalties(logits, rows)
 
-        tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
         greedy = [i for i, r in enumerate(rows) if r.params.greedy]
+        if len(greedy) == len(rows):  # an all-greedy batch: no row indexing, no copy
+            return self._results(logits, x.argmax(dim=1), rows)
+        tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
         sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
         if greedy:
             tokens[greedy] = x[greedy].argmax(dim=1)
@@ -187,7 +189,7 @@ class Sampler:
         """Steps 1-3: min_tokens, repetition, frequency and presence penalties."""
         vocab = logits.shape[1]
         device = logits.device
-        x = logits.clone()
+        x = logits  # replaced, never written in place: the raw logits stay for the reported logprobs
 
         blocked: list[list[int]] = []
         for r in rows:
@@ -206,6 +208,7 @@ class Sampler:
                 [list(rows[i].prompt_token_ids) + list(rows[i].output_token_ids) for i in rep], vocab, device
             )
             penalty = torch.tensor([rows[i].params.repetition_penalty for i in rep], device=device)
+            x = x.clone() if x is logits else x
             x[rep] = apply_repetition_penalty(x[rep], seen, penalty)
 
         pen = [
@@ -217,6 +220,7 @@ class Sampler:
             counts = token_counts([rows[i].output_token_ids for i in pen], vocab, device)
             freq = torch.tensor([rows[i].params.frequency_penalty for i in pen], device=device)
             pres = torch.tensor([rows[i].params.presence_penalty for i in pen], device=device)
+            x = x.clone() if x is logits else x
             x[pen] = apply_frequency_presence_penalties(x[pen], counts, freq, pres)
         return x
 
@@ -246,10 +250,12 @@ class Sampler:
 
         Matches log_softmax to float32 rounding without keeping an [N, V] logprobs tensor around.
         """
+        token_list = tokens.tolist()
+        if all(r.params.logprobs is None for r in rows):  # nobody reads a logprob: skip the log-sum-exp
+            return [SampleResult(token_id=tok, logprob=0.0, top_logprobs=None) for tok in token_list]
         top1 = logits.max(dim=1, keepdim=True).values
         log_sum = (logits - top1).exp_().sum(dim=1).log_()
         chosen = (logits.gather(1, tokens.unsqueeze(1)).squeeze(1) - top1.squeeze(1) - log_sum).tolist()
-        token_list = tokens.tolist()
         want = [i for i, r in enumerate(rows) if r.params.logprobs]  # None and 0 need no top-k
         tops: dict[int, dict[int, float]] = {}
         if want:

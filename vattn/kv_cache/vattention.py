@@ -150,6 +150,10 @@ class VAttentionKVCache(KVCacheManager):
         with self.lock:
             self.map_wait_seconds += time.perf_counter() - t0  # the mapping thread held the lock
             slot = self.slots.slot_of.get(seq.seq_id)
+            if slot is not None and self._fits_without_change(slot, seq.num_computed_tokens, num_tokens):
+                self._register(seq, slot)  # the decode step's common case: nothing to map, copy or forget
+                self.slots.live[slot] = max(self.slots.live[slot], num_tokens)
+                return True
             new = slot is None
             if new:
                 slot = self.slots.pick(self.pages_for(num_tokens))
@@ -189,6 +193,21 @@ class VAttentionKVCache(KVCacheManager):
             self.slots.live[slot] = max(self.slots.live[slot], num_tokens)
             self.map_wait_seconds += time.perf_counter() - t1
         return True
+
+    def _fits_without_change(self, slot: int, start: int, stop: int) -> bool:
+        """Row `slot` already maps every page for `stop` tokens, and none it writes is shared or cached."""
+        if self.pages_for(stop) > self.slots.mapped[slot]:
+            return False
+        if stop <= start or not (self.pool.num_shared or (self.prefix is not None and len(self.prefix))):
+            return True
+        # Tokens landing in the page the owner's previous token went to: that write already made the page
+        # private and took it out of the prefix cache (only full pages are cached), so only a fork since then
+        # (the page shared again) needs the slow path.
+        page = start * self.token_bytes // self.page_size
+        if start == 0 or (start - 1) * self.token_bytes // self.page_size != page \
+                or (stop * self.token_bytes - 1) // self.page_size != page:
+            return False
+        return self.pool.refcount(self.tensors[0].page_at(slot * self.pages_per_slot + page)) == 1
 
     def _pages_written(self, slot: int, start: int, stop: int, skip: int = 0) -> list[int]:
         """Mapped pages of the row that writing tokens [start, stop) touches (pages < skip are about to be replaced)."""
