@@ -35,8 +35,11 @@ class EngineConfig:
     seed: int = 0
     # "auto", or one of the chosen path's kernels: vattention cpu|sdpa|torch_flash|flash_attn|triton, paged cpu|torch|triton|flash_attn
     attention_kernel: str = "auto"
+    num_threads: int | None = None  # torch threads of the engine's process; None: torch's default (one per core)
 
     def __post_init__(self) -> None:
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1 or None, got {self.num_threads}")
         if self.kv_cache not in KV_CACHE_KINDS:
             raise ValueError(f"kv_cache must be one of {KV_CACHE_KINDS}, got {self.kv_cache!r}")
         if self.attention_kernel not in ATTENTION_KERNELS[self.kv_cache]:

@@ -56,6 +56,8 @@ class LLMEngine:
             self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         else:
             self.dtype = _DTYPES[config.dtype]
+        if config.num_threads is not None:
+            torch.set_num_threads(config.num_threads)
         torch.manual_seed(config.seed)
         self.tokenizer = load_tokenizer(config.model)
         self.model, self.spec = load_model(config.model, self.dtype, self.device)
