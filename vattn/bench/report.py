@@ -82,6 +82,10 @@ def size_label(n: int) -> str:
     return str(n)
 
 
+def _clip(text: str, width: int = 60) -> str:
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
 def format_table(columns: list[tuple[str, str]], rows: list[dict]) -> str:
     """Columns are (key, format spec); a missing or None value prints as '-', a string as itself."""
     cells = [[k for k, _ in columns]]
@@ -89,7 +93,7 @@ def format_table(columns: list[tuple[str, str]], rows: list[dict]) -> str:
         line = []
         for k, spec in columns:
             v = r.get(k)
-            line.append("-" if v is None else v if isinstance(v, str) else format(v, spec))
+            line.append("-" if v is None else _clip(v) if isinstance(v, str) else format(v, spec))
         cells.append(line)
     widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
     out = [" ".join(c.rjust(w) for c, w in zip(line, widths)) for line in cells]
@@ -154,15 +158,20 @@ class Report:
             " -- other processes share this machine"])
 
     def finish(self, rows: list[dict], columns: list[tuple[str, str]], notes: list[str],
-               extra: dict | None = None) -> dict:
-        """Write JSON, Markdown and text; print the table; return the JSON payload."""
+               extra: dict | None = None, tables: list[tuple[str, str, list[tuple[str, str]], list[dict]]] = ()
+               ) -> dict:
+        """Write JSON, Markdown and text; print the tables; return the JSON payload. `tables` adds
+        (key, title, columns, rows) tables, stored under payload[key]."""
         self.header["load_avg_end"] = load_average()
         self.header["elapsed_s"] = time.perf_counter() - self.started
-        payload = {**self.header, **(extra or {}), "results": rows}
+        payload = {**self.header, **(extra or {}), "results": rows, **{k: r for k, _, _, r in tables}}
         check_finite(payload)
-        text = "\n".join([self.header_text(), format_table(columns, rows), *notes])
+        text = "\n".join([self.header_text(), format_table(columns, rows),
+                          *[f"\n{title}\n{format_table(c, r)}" for _, title, c, r in tables], *notes])
         md = "\n".join([f"# vattn bench {self.mode}", "", "```", self.header_text(), "```", "",
-                        markdown_table(columns, rows), "", *[f"- {n}" for n in notes]])
+                        markdown_table(columns, rows), "",
+                        *[f"### {title}\n\n{markdown_table(c, r)}\n" for _, title, c, r in tables],
+                        *[f"- {n}" for n in notes]])
         print(text, flush=True)
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.out.write_text(json.dumps(payload, indent=2) + "\n")

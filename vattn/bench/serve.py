@@ -296,8 +296,11 @@ def agreement(ours: dict, theirs: dict) -> dict:
             scale = 1e-3 if their_key.endswith("_ms") else 1.0
             out[ours_key] = {"ours": ours[ours_key], "vllm_client": theirs[their_key] * scale,
                              "ratio": ours[ours_key] / (theirs[their_key] * scale)}
-    out["vllm_client_completed"] = theirs.get("completed")
-    out["vllm_client_failed"] = theirs.get("failed")
+    out["vllm_client"] = {k: theirs.get(k) for k in (
+        "completed", "failed", "duration", "total_input_tokens", "total_output_tokens", "request_throughput",
+        "output_throughput", "mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "median_tpot_ms",
+        "p99_tpot_ms", "mean_itl_ms", "median_itl_ms", "p99_itl_ms", "mean_e2el_ms", "median_e2el_ms",
+        "p99_e2el_ms") if theirs.get(k) is not None}
     return out
 
 
