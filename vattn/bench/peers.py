@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from vattn.bench.engines import EngineResult, EngineSpec, RunOptions
-from vattn.bench.setup_peers import PEERS_VENV, peer_python
+from vattn.bench.setup_peers import peer_python, peers_venv
 from vattn.bench.workloads import Workload
 
 VLLM_TIMEOUT_S = float(os.environ.get("VATTN_BENCH_VLLM_TIMEOUT", 1800))
@@ -26,12 +26,12 @@ _version_cache: dict[str, str | None] = {}
 
 def vllm_python() -> Path | None:
     """The peer environment's python when vLLM is importable there, else None."""
-    py = peer_python(PEERS_VENV)
+    py = peer_python()
     return py if vllm_version() else None
 
 
 def vllm_version() -> str | None:
-    py = peer_python(PEERS_VENV)
+    py = peer_python()
     key = str(py)
     if key not in _version_cache:
         version = None
@@ -48,8 +48,7 @@ def vllm_version() -> str | None:
 
 
 def missing_reason() -> str:
-    return (f"vLLM not installed: no {PEERS_VENV.name} with vllm (run `make peers` or "
-            "`vattn bench --setup-peers`)")
+    return f"vLLM not installed: no vllm in {peers_venv()} (run `make peers` or `vattn bench --setup-peers`)"
 
 
 def vllm_env(opts_kv_memory: int, threads: int | None = None) -> dict[str, str]:

