@@ -11,7 +11,8 @@ output token after the first (TPOT), inter-token latency between streamed chunks
 mean / median / p99 of each; request, output and total token throughput over the run; failed requests.
 `--launch` starts each server itself on a free port with the same model and sizes, waits for /health, measures,
 and stops it. `--compare-vllm-client` also runs vLLM's own load generator (vllm.benchmarks.serve, in the peer
-environment) on the same server and load, and records how closely the two clients agree.
+environment) on the same server and load, and records how closely the two clients agree
+(our client runs again right after vLLM's, and that run is the one compared, so both see the same warm server).
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def percentile(xs: list[float], q: float) -> float:
 
 async def stream_completion(client: httpx.AsyncClient, url: str, model: str, r: BenchRequest,
                             ignore_eos: bool = True) -> RequestResult:
-    """One streamed completion; timings from the request's send to each chunk carrying text."""
+    """One streamed completion; timings from the request's send to each chunk that carries a choice."""
     body = {"model": model, "prompt": r.prompt_token_ids, "max_tokens": r.max_tokens, "temperature": 0.0,
             "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": ignore_eos}
     res = RequestResult(ok=False, prompt_tokens=len(r.prompt_token_ids))
@@ -88,9 +89,10 @@ async def stream_completion(client: httpx.AsyncClient, url: str, model: str, r: 
                 msg = json.loads(data)
                 if msg.get("usage"):
                     usage = msg["usage"]
-                choices = msg.get("choices") or []
-                if not choices or not choices[0].get("text"):
-                    continue
+                if not msg.get("choices"):
+                    continue  # the usage chunk
+                # a chunk with a choice means the server produced tokens, even when its text is empty (an
+                # incomplete character held back): counted like vLLM's own client counts it
                 now = time.perf_counter()
                 if last is None:
                     res.ttft = now - t0
@@ -107,7 +109,7 @@ async def stream_completion(client: httpx.AsyncClient, url: str, model: str, r: 
         res.prompt_tokens = usage.get("prompt_tokens", res.prompt_tokens)
     res.ok = last is not None
     if not res.ok:
-        res.error = "no text streamed"
+        res.error = "no completion chunk streamed"
     return res
 
 
@@ -407,10 +409,19 @@ def main(argv: list[str] | None = None) -> dict:
                                             not args.no_progress, args.request_timeout))
             m = summarize(res, dur)
             rows.append(_row(server, rate, conc, m))
-            if args.compare_vllm_client:
+            if args.compare_vllm_client:  # theirs, then ours again: the same server, warm, back to back
                 theirs = vllm_client(base_url, served, model, wl, conc, rate)
-                agreements.append({"server": server, "load": rows[-1]["load"], **(
-                    {"error": theirs["error"]} if "error" in theirs else agreement(m, theirs))})
+                if "error" in theirs:
+                    agreements.append({"server": server, "load": rows[-1]["load"], "error": theirs["error"]})
+                    continue
+                again = summarize(*asyncio.run(run_load(base_url, served, wl.requests, rate, conc, args.seed,
+                                                        False, args.request_timeout)))
+                agreements.append({"server": server, "load": rows[-1]["load"], **agreement(again, theirs),
+                                   "ours_before": {k: m.get(k) for k in ("output_tokens_per_s", "mean_ttft_s",
+                                                                         "mean_tpot_s", "mean_itl_s", "mean_e2e_s")},
+                                   "ours_after": {k: again.get(k) for k in ("output_tokens_per_s", "mean_ttft_s",
+                                                                            "mean_tpot_s", "mean_itl_s",
+                                                                            "mean_e2e_s")}})
 
     if args.base_url:
         measure(args.base_url, args.base_url, served_model(args.base_url))
@@ -430,7 +441,7 @@ def main(argv: list[str] | None = None) -> dict:
             measure(name, srv.base_url, served)
         finally:
             srv.stop()
-    notes = [f"workload: {wl.describe()}", "TTFT = time to first streamed token; TPOT = (E2E - TTFT) / (output "
+    notes = [f"workload: {wl.describe()}", "TTFT = time to the first streamed chunk; TPOT = (E2E - TTFT) / (output "
              "tokens - 1); ITL = time between streamed chunks; throughput over the whole load point; "
              "client: httpx, streaming /v1/completions with token-id prompts"]
     for a in agreements:
@@ -438,7 +449,7 @@ def main(argv: list[str] | None = None) -> dict:
             notes.append(f"vLLM's client on {a['server']} at {a['load']}: {a['error'][:200]}")
         else:
             notes.append(f"vLLM's client vs ours on {a['server']} at {a['load']}: " + ", ".join(
-                f"{k} ours/theirs {v['ratio']:.3f}" for k, v in a.items() if isinstance(v, dict)))
+                f"{k} ours/theirs {v['ratio']:.3f}" for k, v in a.items() if isinstance(v, dict) and "ratio" in v))
     payload = report.finish(rows, COLUMNS, notes, {"client_agreement": agreements})
     if not args.no_plot and any(r.get("completed") for r in rows):
         from vattn.bench.plots import serve_plot
