@@ -153,7 +153,10 @@ def main(argv: list[str] | None = None) -> dict:
         for i, spec in enumerate(specs):
             if reps[i] and reps[i][0].error:
                 continue  # a peer that failed once is not retried
-            reps[i].append(run_engine(spec, wl, opts))
+            res = run_engine(spec, wl, opts)
+            reps[i].append(res)
+            print(f"[throughput] {spec.label}: " + (res.error[:200] if res.error else
+                  f"{res.metrics['output_tokens_per_s']:,.1f} output tokens/s"), file=sys.stderr, flush=True)
     results = [median_result(r) for r in reps]
 
     # greedy token check between vattn's paths (sampled workloads are not comparable token by token)
