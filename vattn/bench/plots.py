@@ -8,7 +8,14 @@ from pathlib import Path
 
 
 def _plt():
-    import matplotlib
+    """matplotlib.pyplot on the Agg backend, or None (with a message) when matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        import sys
+
+        print("vattn bench: matplotlib is not installed (pip install 'vattn[bench]'): no PNG plot", file=sys.stderr)
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -20,9 +27,11 @@ def _title(ax, title: str) -> None:
     ax.set_title("\n".join(textwrap.fill(line, 90) for line in title.splitlines()), fontsize=8)
 
 
-def throughput_plot(path: Path, rows: list[dict], title: str) -> Path:
+def throughput_plot(path: Path, rows: list[dict], title: str) -> Path | None:
     """Output tokens/s per engine (engines without numbers are listed with their reason)."""
     plt = _plt()
+    if plt is None:
+        return None
     ok = [r for r in rows if r.get("output_tokens_per_s")]
     fig, ax = plt.subplots(figsize=(7, 0.5 * max(3, len(ok)) + 1.5))
     names = [r["engine"] for r in ok]
@@ -41,9 +50,11 @@ def throughput_plot(path: Path, rows: list[dict], title: str) -> Path:
     return path
 
 
-def serve_plot(path: Path, rows: list[dict], title: str) -> Path:
+def serve_plot(path: Path, rows: list[dict], title: str) -> Path | None:
     """Mean TPOT, mean TTFT and output throughput against request rate (or concurrency), one line per server."""
     plt = _plt()
+    if plt is None:
+        return None
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
     servers = sorted({r["server"] for r in rows if r.get("completed")})
     for name in servers:
@@ -67,9 +78,11 @@ def serve_plot(path: Path, rows: list[dict], title: str) -> Path:
     return path
 
 
-def memory_plot(path: Path, traces: dict[str, list[dict]], title: str) -> Path:
+def memory_plot(path: Path, traces: dict[str, list[dict]], title: str) -> Path | None:
     """Mapped and used KV MiB against step, one pair of lines per path."""
     plt = _plt()
+    if plt is None:
+        return None
     fig, ax = plt.subplots(figsize=(8, 4))
     for i, (name, samples) in enumerate(traces.items()):
         color = f"C{i}"
@@ -86,8 +99,10 @@ def memory_plot(path: Path, traces: dict[str, list[dict]], title: str) -> Path:
     return path
 
 
-def bars_plot(path: Path, labels: list[str], values: list[float], xlabel: str, title: str) -> Path:
+def bars_plot(path: Path, labels: list[str], values: list[float], xlabel: str, title: str) -> Path | None:
     plt = _plt()
+    if plt is None:
+        return None
     fig, ax = plt.subplots(figsize=(7, 0.35 * max(4, len(labels)) + 1.5))
     ax.barh(labels[::-1], values[::-1], color="tab:green")
     ax.set_xlabel(xlabel)

