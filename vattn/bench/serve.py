@@ -234,12 +234,15 @@ def server_command(name: str, model: str, port: int, served: str, opts: RunOptio
     return cmd if cmd is not None else missing_reason()
 
 
-def server_env(name: str, opts: RunOptions) -> dict:
+def server_env(name: str, opts: RunOptions, threads: int | None = None) -> dict:
+    """The launched server's environment; `threads` sets the vattn server's torch threads (OMP_NUM_THREADS)."""
     if name == "vllm":
         from vattn.bench.peers import vllm_env
 
         return vllm_env(opts.kv_memory)
     env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     from vattn.bench.report import REPO
 
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
@@ -432,7 +435,7 @@ def main(argv: list[str] | None = None) -> dict:
         if isinstance(cmd, str):
             rows.append({"server": name, "note": cmd})
             continue
-        srv = LaunchedServer(name, cmd, port, server_env(name, opts))
+        srv = LaunchedServer(name, cmd, port, server_env(name, opts, args.threads))
         try:
             why = srv.wait_ready(args.ready_timeout)
             if why:
