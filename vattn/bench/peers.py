@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import tempfile
 import time
@@ -93,8 +94,8 @@ def run_vllm_offline(spec: EngineSpec, wl: Workload, opts: RunOptions) -> Engine
             return EngineResult(spec, error=f"vLLM did not finish in {VLLM_TIMEOUT_S:.0f} s")
         wall = time.perf_counter() - t0
         if proc.returncode != 0 or not out_path.exists():
-            tail = log_path.read_text()[-600:].strip().replace("\n", " | ")
-            return EngineResult(spec, error=f"vLLM failed (exit {proc.returncode}): ...{tail}")
+            return EngineResult(spec, error=f"vLLM failed (exit {proc.returncode}): "
+                                            f"{root_cause(log_path.read_text(errors='replace'))}")
         res = json.loads(out_path.read_text())
     elapsed = res["elapsed_s"]
     n_out = sum(r.output_tokens for r in wl.requests)
@@ -108,6 +109,17 @@ def run_vllm_offline(spec: EngineSpec, wl: Workload, opts: RunOptions) -> Engine
         "vllm_version": res["vllm_version"], "process_wall_s": wall,
         "vllm_kv_cache_space_gib": int(vllm_env(opts.kv_memory)["VLLM_CPU_KVCACHE_SPACE"])},
         res["tokens"])
+
+
+def root_cause(log: str, width: int = 300) -> str:
+    """The first 'SomethingError: message' line of a vLLM log (the worker's own error comes before the engine's
+    wrappers), else the log's last line."""
+    for line in log.splitlines():
+        m = re.search(r"\b(\w*(?:Error|Exception)): (.+)$", line)
+        if m and "Traceback" not in line:
+            return f"{m.group(1)}: {m.group(2)}"[:width]
+    lines = [x for x in log.splitlines() if x.strip()]
+    return (lines[-1] if lines else "no output")[:width]
 
 
 def vllm_server_command(model: str, port: int, served_name: str, opts: RunOptions) -> list[str] | None:

@@ -194,7 +194,11 @@ class LaunchedServer:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                return f"{self.name} server exited with {self.proc.returncode} before it was ready: " + self.log_tail()
+                from vattn.bench.peers import root_cause
+
+                self.log.flush()
+                return (f"{self.name} server exited with {self.proc.returncode} before it was ready: "
+                        + root_cause(self.log_path.read_text(errors="replace")))
             try:
                 if httpx.get(self.base_url + "/health", timeout=2).status_code == 200:
                     return None
