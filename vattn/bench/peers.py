@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import tempfile
 import time
@@ -80,8 +81,11 @@ def run_vllm_offline(spec: EngineSpec, wl: Workload, opts: RunOptions) -> Engine
                "requests": [{"request_id": r.request_id, "prompt_token_ids": r.prompt_token_ids,
                              "max_tokens": r.max_tokens, "n": r.n, "beam_width": r.beam_width}
                             for r in wl.requests]}
-    script = Path(__file__).with_name("vllm_offline.py")
     with tempfile.TemporaryDirectory(prefix="vattn-vllm-") as tmp:
+        # run a copy from the empty temporary directory: a script's directory leads sys.path, and vattn/bench's
+        # own module names (cli, serve, models, ...) would shadow the modules vLLM imports
+        script = Path(tmp, "vllm_offline.py")
+        shutil.copy(Path(__file__).with_name("vllm_offline.py"), script)
         spec_path, out_path, log_path = Path(tmp, "spec.json"), Path(tmp, "out.json"), Path(tmp, "log.txt")
         spec_path.write_text(json.dumps(payload))
         t0 = time.perf_counter()

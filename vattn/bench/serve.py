@@ -186,8 +186,11 @@ class LaunchedServer:
         self.base_url = f"http://127.0.0.1:{port}"
         self.log_path = Path(log_dir or tempfile.gettempdir()) / f"vattn-bench-{name}-{port}.log"
         self.log = open(self.log_path, "w")
+        # started in an empty directory: the current one leads a `python -m`'s sys.path, and this checkout's
+        # packages must not shadow the peer environment's modules
+        self.cwd = tempfile.TemporaryDirectory(prefix=f"vattn-bench-{name}-")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True)
+                                     start_new_session=True, cwd=self.cwd.name)
 
     def wait_ready(self, timeout_s: float) -> str | None:
         """None when /health answers 200; else why not (the process exited, or the time ran out)."""
@@ -220,6 +223,7 @@ class LaunchedServer:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self.log.close()
+        self.cwd.cleanup()
 
 
 def server_command(name: str, model: str, port: int, served: str, opts: RunOptions, args) -> list[str] | str:
@@ -286,7 +290,8 @@ def vllm_client(base_url: str, served: str, tokenizer: str, wl, concurrency: int
         if concurrency:
             cmd += ["--max-concurrency", str(concurrency)]
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=vllm_env(1 << 30))
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=vllm_env(1 << 30),
+                                  cwd=tmp)
         except subprocess.TimeoutExpired:
             return {"error": f"vllm.benchmarks.serve did not finish in {timeout_s:.0f} s"}
         out = Path(tmp, "out.json")
