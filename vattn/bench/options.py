@@ -41,7 +41,7 @@ def add_workload_args(ap: argparse.ArgumentParser, default: str = "fixed", num_r
     g.add_argument("--seed", type=int, default=0)
 
 
-def add_engine_args(ap: argparse.ArgumentParser, kv_memory: str = "256M", max_num_seqs: int = 128) -> None:
+def add_engine_args(ap: argparse.ArgumentParser, kv_memory: str = "1G", max_num_seqs: int = 128) -> None:
     g = ap.add_argument_group("engines (the same for every vattn path; vLLM gets the same sizes)")
     g.add_argument("--page-sizes", default=None,
                    help="vAttention page sizes, comma-separated (default: 64K on CPU, 2M on GPU)")

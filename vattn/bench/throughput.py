@@ -190,11 +190,18 @@ def main(argv: list[str] | None = None) -> dict:
         elif r.spec.kind == "hf":
             m["note"] = f"static batches of {m['batch_size']}"
         rows.append(m)
+    vllm_rows = [r for r in results if r.spec.kind == "vllm" and r.error is None]
+    if vllm_rows and vllm_rows[0].metrics["vllm_kv_cache_space_gib"] * 2**30 != opts.kv_memory:
+        print(f"[throughput] note: vLLM's KV space is {vllm_rows[0].metrics['vllm_kv_cache_space_gib']} GiB (whole "
+              f"GiB only) against {opts.kv_memory / 2**20:.0f} MiB for vattn's paths", file=sys.stderr)
     tol = f"top-2 within {near_tie_tolerance(dtype):.3g} nats ({str(dtype).removeprefix('torch.')})"
     notes = [f"workload: {wl.describe()}",
              f"KV pool {opts.kv_memory / 2**20:.0f} MiB per vattn path; max_num_seqs {opts.max_num_seqs}, "
              f"max_model_len {opts.max_model_len}; {torch.get_num_threads()} torch threads (vattn, transformers)",
              chk.sentence(tol),
+             *([f"KV budgets differ: vLLM's CPU KV space is set in whole GiB ({vllm_rows[0].metrics['vllm_kv_cache_space_gib']}"
+                f" GiB here); give --kv-memory in whole GiB for equal budgets"]
+               if vllm_rows and vllm_rows[0].metrics["vllm_kv_cache_space_gib"] * 2**30 != opts.kv_memory else []),
              f"median of {args.repeats} round-robin repeat(s); output_ratio = engine / {base.spec.label if base else '-'}"
              " output tokens/s, same run"]
     payload = report.finish(rows, COLUMNS, notes, {"token_check": chk.as_dict()})
