@@ -196,6 +196,7 @@ def test_roofline_smoke(tmp_path):
                                                                 for b in (1, 3)}
     for r in d["results"]:
         assert r["median_step_ms"] > 0 and r["kv_MiB"] > 0 and 0 < r["fraction_of_bound"]
+        assert r["running"] == r["batch"]  # every sequence decoded in every timed step
         assert r["bound_ms"] == pytest.approx(1e3 * (d["weight_bytes"] + r["kv_MiB"] * 2**20)
                                               / d["copy_bandwidth_bytes_per_s"])
 

@@ -45,8 +45,9 @@ def copy_bandwidth(device: str, nbytes: int = 256 << 20, repeats: int = 5) -> fl
 
 
 def decode_steps(engine: LLMEngine, batch: int, context: int, steps: int, model_cfg: dict, seed: int,
-                 sync) -> list[tuple[float, int]]:
-    """(seconds, live KV bytes read) of each of `steps` decode-only steps with `batch` sequences of ~`context`."""
+                 sync) -> list[tuple[float, int, int]]:
+    """(seconds, live KV bytes read, sequences running) of each of `steps` decode-only steps with `batch` sequences
+    of ~`context` tokens (fewer run if the KV pool cannot hold them all: the row reports it)."""
     wl = make_workload("fixed", batch, 1.0, seed, int(model_cfg["vocab_size"]), first_id=first_regular_id(model_cfg),
                        input_len=context, output_len=steps + 2)
     for r in wl.requests:
@@ -59,12 +60,12 @@ def decode_steps(engine: LLMEngine, batch: int, context: int, steps: int, model_
                 started.add(out.request_id)
     samples = []
     for _ in range(steps):
-        kv = engine.kv_stats().used_bytes
+        kv, running = engine.kv_stats().used_bytes, engine.stats().num_running
         sync()
         t0 = time.perf_counter()
         engine.step()
         sync()
-        samples.append((time.perf_counter() - t0, kv))
+        samples.append((time.perf_counter() - t0, kv, running))
     while engine.has_unfinished_requests():
         engine.step()
     return samples
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=16, help="decode steps timed per point")
     ap.add_argument("--seed", type=int, default=0)
     options.add_model_args(ap)
-    options.add_engine_args(ap, kv_memory="256M", max_num_seqs=64)
+    options.add_engine_args(ap, kv_memory="1G", max_num_seqs=64)
     options.add_output_args(ap)
     args = ap.parse_args(argv)
     options.positive(args, "context", "steps")
@@ -115,20 +116,22 @@ def main(argv: list[str] | None = None) -> dict:
             decode_steps(engine, 1, min(args.context, 16), 2, cfg, args.seed, sync)  # warm-up
             for b in batches:
                 samples = decode_steps(engine, b, args.context, args.steps, cfg, args.seed, sync)
-                step_s = statistics.median(t for t, _ in samples)
-                kv = statistics.median(k for _, k in samples)
+                step_s = statistics.median(t for t, _, _ in samples)
+                kv = statistics.median(k for _, k, _ in samples)
+                running = min(r for _, _, r in samples)
                 bound_s = (wbytes + kv) / bw
-                rows.append({"path": spec.label, "batch": b, "context": args.context, "median_step_ms": step_s * 1e3,
-                             "min_step_ms": min(t for t, _ in samples) * 1e3, "weight_MiB": wbytes / 2**20,
+                rows.append({"path": spec.label, "batch": b, "running": running, "context": args.context,
+                             "median_step_ms": step_s * 1e3, "min_step_ms": min(t for t, _, _ in samples) * 1e3, "weight_MiB": wbytes / 2**20,
                              "kv_MiB": kv / 2**20, "bound_ms": bound_s * 1e3, "fraction_of_bound": bound_s / step_s,
                              "decode_tokens_per_s": b / step_s})
         finally:
             engine.close()
-    cols = [("path", "s"), ("batch", "d"), ("context", "d"), ("median_step_ms", ".2f"), ("bound_ms", ".3f"),
+    cols = [("path", "s"), ("batch", "d"), ("running", "d"), ("context", "d"), ("median_step_ms", ".2f"), ("bound_ms", ".3f"),
             ("fraction_of_bound", ".3f"), ("weight_MiB", ".1f"), ("kv_MiB", ".2f"), ("decode_tokens_per_s", ".1f")]
     notes = [f"copy bandwidth {bw / 1e9:.2f} GB/s (read + write, best of 5 copies of 256 MiB); weights read per step "
              f"{wbytes / 2**20:.1f} MiB; bound = (weights + live KV) / bandwidth; fraction_of_bound = bound / "
-             "median step time"]
+             "median step time; running = fewest sequences decoding in a timed step (below batch: the KV pool "
+             "could not hold them all, raise --kv-memory)"]
     payload = report.finish(rows, cols, notes)
     if not args.no_plot:
         from vattn.bench.plots import bars_plot
