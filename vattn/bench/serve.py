@@ -322,7 +322,10 @@ def agreement(ours: dict, theirs: dict) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="vattn bench serve", description=__doc__.splitlines()[0])
-    ap.add_argument("--base-url", default=None, help="an OpenAI-compatible server to load (e.g. http://127.0.0.1:8000)")
+    ap.add_argument("--base-url", default=None,
+                    help="an OpenAI-compatible server to load (e.g. http://127.0.0.1:8000); the prompts are token ids "
+                         "below --model's vocabulary size, so give the served model's directory (or a preset of the "
+                         "same vocabulary)")
     ap.add_argument("--launch", default=None,
                     help="start these servers one after the other and load each: vattn, vllm (comma-separated)")
     ap.add_argument("--kv-cache", default="vattention", choices=["vattention", "paged"],
