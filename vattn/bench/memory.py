@@ -12,7 +12,8 @@ Sharing (--sharing, on by default): per path, physical KV units held by live seq
 peak and mean over the run, with sharing vs without:
   parallel       the requests with n samples (forked from one prefilled prompt) vs n independent requests each
   beam           beam search of width k vs k independent greedy requests
-  shared-prefix  few-shot requests sharing one prefix, prefix caching on vs off
+  shared-prefix  few-shot requests sharing one prefix, prefix caching on vs off (the first request runs alone until
+                 its prompt is computed, then the rest arrive)
 saved = 1 - shared / unshared. vLLM paper (Alpaca): 6.1-9.8% parallel, 37.6-55.2% beam.
 """
 
@@ -58,10 +59,23 @@ SHARING_COLUMNS = [("path", "s"), ("tokens_per_unit", "d"), ("mode", "s"), ("wid
                    ("shared_mean_units", ".1f"), ("unshared_mean_units", ".1f"), ("saved_mean_pct", ".1f")]
 
 
-def held_units(engine: LLMEngine, requests: list[tuple[str, list[int], object]]) -> dict:
-    """Submit (id, prompt, params) all at once, run to completion; units held by live sequences every step."""
+def held_units(engine: LLMEngine, requests: list[tuple[str, list[int], object]], first_alone: bool = False) -> dict:
+    """Submit (id, prompt, params) all at once (or, with `first_alone`, the first one until its prompt is computed,
+    so a prefix cache holds it, then the rest), run to completion; units held by live sequences every step."""
     held, tokens = [], {}
     pre0 = engine.stats().num_preemptions
+    if first_alone:
+        rid, prompt, params = requests[0]
+        engine.add_request(rid, None, params, prompt_token_ids=prompt)
+        done = False
+        while not done:
+            for out in engine.step():
+                done = done or bool(out.outputs and out.outputs[0].token_ids)
+                if out.finished:
+                    tokens[out.request_id] = [list(o.token_ids) for o in out.outputs]
+            st = engine.kv_stats()
+            held.append(st.units_total - st.units_free)
+        requests = requests[1:]
     for rid, prompt, params in requests:
         engine.add_request(rid, None, params, prompt_token_ids=prompt)
     while engine.has_unfinished_requests():
@@ -127,12 +141,12 @@ def sharing_rows(spec: EngineSpec, opts: RunOptions, model_cfg: dict, args) -> l
             rows.append(row("beam", w, sh, un))
         greedy = [(r.request_id, r.prompt_token_ids, SamplingParams(temperature=0, max_tokens=r.max_tokens,
                                                                     ignore_eos=True)) for r in prefixed.requests]
-        un = held_units(engine, greedy)
+        un = held_units(engine, greedy, first_alone=True)
     finally:
         engine.close()
     cached = LLMEngine(engine_config(spec, RunOptions(**{**sized.__dict__, "enable_prefix_caching": True})))
     try:
-        sh = held_units(cached, greedy)
+        sh = held_units(cached, greedy, first_alone=True)
     finally:
         cached.close()
     rows.append(row("shared-prefix", len(prefixed.requests), sh, un))
