@@ -40,9 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also measure memory saved by sharing (default: on)")
     ap.add_argument("--sharing-requests", type=int, default=4, help="Alpaca-like requests per sharing run")
     ap.add_argument("--widths", default="2,4", help="n (parallel sampling) and k (beam width) values")
-    ap.add_argument("--sharing-kv-memory", default="64M", type=parse_size,
+    ap.add_argument("--sharing-kv-memory", default=None, type=parse_size,
                     help="KV pool of the sharing runs: roomy, so that sharing, not preemption, sets what is held "
-                         "(default: %(default)s)")
+                         "(default: the larger of 64M and --kv-memory)")
     ap.add_argument("--name", default=None, help="result file name (default: memory_<workload>)")
     options.add_model_args(ap)
     options.add_workload_args(ap, default="sharegpt", num_requests=48, input_len=None, output_len=None)
@@ -104,7 +104,8 @@ def sharing_rows(spec: EngineSpec, opts: RunOptions, model_cfg: dict, args) -> l
     prefixed = make_workload("shared-prefix", args.sharing_requests, args.scale, args.seed, vocab, first_id=first,
                              prefix_len=args.prefix_len)
     longest = max(base.max_total_len, prefixed.max_total_len)
-    sized = RunOptions(**{**opts.__dict__, "kv_memory": args.sharing_kv_memory,
+    pool = args.sharing_kv_memory or max(64 << 20, opts.kv_memory)
+    sized = RunOptions(**{**opts.__dict__, "kv_memory": pool,
                           "max_num_seqs": args.sharing_requests * max(widths),
                           "max_model_len": longest + 1, "enable_prefix_caching": False, "progress": False})
     rows = []
@@ -197,7 +198,8 @@ def main(argv: list[str] | None = None) -> dict:
              f"{opts.max_model_len}; used_of_mapped = live-token bytes / mapped bytes, used_of_held = / bytes held "
              "by live sequences, means over steps; static = a page per row (max_model_len tokens reserved)"]
     if sharing:
-        notes.append(f"sharing: {args.sharing_requests} Alpaca-like requests, a {args.sharing_kv_memory / 2**20:.0f} MiB "
+        pool = args.sharing_kv_memory or max(64 << 20, opts.kv_memory)
+        notes.append(f"sharing: {args.sharing_requests} Alpaca-like requests, a {pool / 2**20:.0f} MiB "
                      "pool; units = physical KV units held by live "
                      "sequences, a shared unit counts once; saved = 1 - shared / unshared (parallel: n samples vs n "
                      "requests; beam: width k vs k greedy requests; shared-prefix: prefix caching on vs off). vLLM "
