@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install test serve bench lint clean
+.PHONY: install test serve bench bench-results peers lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -27,10 +27,18 @@ serve: $(STAMP)
 	$(VENV)/bin/vattn serve $(ARGS)
 
 bench: $(STAMP)
-	$(PY) -m benchmarks.compare
+	$(VENV)/bin/vattn bench throughput $(ARGS)
+
+# vLLM's CPU build in its own environment (.venv-peers), for the harness's side-by-side rows
+peers: $(STAMP)
+	$(PY) -m vattn.bench --setup-peers
+
+# every committed CPU benchmark result and the README's table generated from them (run on an idle machine)
+bench-results: $(STAMP)
+	$(PY) scripts/bench_results.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) .venv-peers build *.egg-info .pytest_cache

@@ -1,21 +1,25 @@
-"""Smoke tests: every benchmark runs end to end at tiny sizes and writes JSON with the expected keys and sane values."""
+"""The moved pieces of the old benchmark scripts: seeded workloads, the dtype-aware greedy-token check, and the
+benchmarks/*.py shims (scripts/gpu_run.sh still calls them) over vattn.bench. The modes' own smoke tests are in
+tests/test_bench.py."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+import torch
 
-from benchmarks import bench_kernels, bench_sharing, compare
-from benchmarks.workloads import DISTS, make_workload
+from vattn.bench.tokens import FLOAT32_NEAR_TIE, check_tokens, near_tie_tolerance
+from vattn.bench.workloads import DISTS, KINDS, make_workload
 
 
-@pytest.fixture(scope="module")
-def tiny_bench_model(tmp_path_factory):
-    from benchmarks.common import PRESETS
-    from tests.tiny_models import get_tiny_model
-
-    return str(get_tiny_model("llama", tmp_path_factory.mktemp("bench_models"), **PRESETS["tiny"]))
+@pytest.fixture(scope="module", autouse=True)
+def bench_models(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("VATTN_BENCH_MODELS", str(tmp_path_factory.mktemp("bench_models")))
+    mp.setenv("VATTN_PEERS_VENV", str(tmp_path_factory.mktemp("no-peers")))
+    yield
+    mp.undo()
 
 
 def test_workloads_are_seeded_and_follow_the_published_means():
@@ -29,106 +33,132 @@ def test_workloads_are_seeded_and_follow_the_published_means():
         assert 0.75 * d.prompt_mean < s["prompt_mean"] < 1.25 * d.prompt_mean
         assert 0.75 * d.output_mean < s["output_mean"] < 1.25 * d.output_mean
         assert all(len(r.prompt_token_ids) + r.max_tokens <= d.max_total for r in wl.requests)
-        assert all(min(r.prompt_token_ids) >= 2 for r in wl.requests)  # never BOS / EOS
+        assert all(min(r.prompt_token_ids) >= 3 for r in wl.requests)  # never a special token
     small = make_workload("sharegpt", 50, scale=0.1, seed=0, rate=5.0)
     assert small.max_total_len <= 204
     arrivals = [r.arrival for r in small.requests]
     assert arrivals == sorted(arrivals) and arrivals[0] > 0
 
 
-@pytest.mark.parametrize("kw, field", [(dict(dist="x"), "dist"), (dict(num_requests=0), "num_requests"),
-                                       (dict(scale=0), "scale"), (dict(rate=-1.0), "rate")])
+def test_every_workload_kind():
+    fixed = make_workload("fixed", 5, input_len=7, output_len=3)
+    assert {(len(r.prompt_token_ids), r.max_tokens) for r in fixed.requests} == {(7, 3)}
+    long = make_workload("long-context", 20, input_len=400)
+    assert all(300 <= len(r.prompt_token_ids) <= 400 for r in long.requests)
+    few_shot = make_workload("shared-prefix", 6, prefix_len=50, seed=2)
+    prefix = few_shot.requests[0].prompt_token_ids[:50]
+    assert all(r.prompt_token_ids[:50] == prefix and len(r.prompt_token_ids) > 50 for r in few_shot.requests)
+    assert len({tuple(r.prompt_token_ids[50:]) for r in few_shot.requests}) == 6
+    par = make_workload("parallel", 3, n=3, output_len=4)
+    assert all(r.n == 3 and r.output_tokens == 12 for r in par.requests) and par.summary()["total_output_tokens"] == 36
+    beam = make_workload("beam", 3, beam_width=4, output_len=4)
+    assert all(r.beam_width == 4 and r.output_tokens == 4 for r in beam.requests)
+    assert set(KINDS) == {"sharegpt", "alpaca", "fixed", "long-context", "shared-prefix", "parallel", "beam"}
+
+
+@pytest.mark.parametrize("kw, field", [(dict(kind="x"), "workload"), (dict(num_requests=0), "num_requests"),
+                                       (dict(scale=0), "scale"), (dict(rate=-1.0), "rate"),
+                                       (dict(kind="fixed"), "input_len"), (dict(kind="parallel", n=1), "n must"),
+                                       (dict(kind="beam", beam_width=1), "beam_width"),
+                                       (dict(kind="fixed", input_len=0, output_len=2), "input_len")])
 def test_workload_rejects_bad_input(kw, field):
-    args = dict(dist="alpaca", num_requests=3) | kw
+    args = dict(kind="alpaca", num_requests=3) | kw
     with pytest.raises(ValueError, match=field):
         make_workload(**args)
 
 
-def test_compare_runs_both_paths_and_checks_tokens(tiny_bench_model, tmp_path):
+def test_near_tie_tolerance_is_dtype_aware():
+    assert near_tie_tolerance(torch.float32) == FLOAT32_NEAR_TIE == 1e-3
+    bf16 = near_tie_tolerance(torch.bfloat16, -1.5)
+    # bf16 logits are quantized at ~4e-3 to 8e-3 nats near 1-2: a tolerance below that would reject float noise
+    assert bf16 > 8e-3 and bf16 == pytest.approx(4 * 2**-7 * 1.5)
+    assert near_tie_tolerance(torch.float16, -0.1) == pytest.approx(4 * 2**-10)
+    assert near_tie_tolerance(torch.bfloat16, -8.0) > near_tie_tolerance(torch.bfloat16, -1.0)
+
+
+def test_token_check_counts_instead_of_raising():
+    prompts = {"a": [5, 6], "b": [7]}
+    ref = {"a": [1, 2, 3], "b": [4]}
+    gaps = {}
+
+    def gap_of(prompt, x, y):
+        gaps[tuple(prompt)] = (x, y)
+        return {(5, 6, 1): (-1.0, -1.0 - 5e-3)}.get(tuple(prompt))  # a bf16-sized near-tie after [5, 6, 1]
+
+    same = check_tokens("paged", ref, {"vattention": dict(ref)}, prompts, gap_of, torch.float32)
+    assert same.identical and same.mismatches == 0 and not gaps
+    other = {"a": [1, 9, 3], "b": [4]}
+    fp32 = check_tokens("paged", ref, {"vattention": other}, prompts, gap_of, torch.float32)
+    assert fp32.mismatches == 1 and fp32.near_ties == 0 and "differ on a at output token 1" in fp32.examples[0]
+    assert gaps == {(5, 6, 1): (2, 9)}  # the reference's logprobs were asked for exactly that prefix and pair
+    bf16 = check_tokens("paged", ref, {"vattention": other}, prompts, gap_of, torch.bfloat16)
+    assert bf16.mismatches == 0 and bf16.near_ties == 1 and not bf16.identical
+    assert bf16.as_dict()["near_tie_divergences"] == 1
+    missing = check_tokens("paged", ref, {"vattention": {"a": [1, 2, 3]}}, prompts, gap_of, torch.float32)
+    assert missing.mismatches == 1 and "no output for b" in missing.examples[0]
+
+
+def test_compare_shim_runs_both_paths_and_checks_tokens(tmp_path):
+    from benchmarks import compare
+
     out = tmp_path / "cmp.json"
-    payload = compare.main(["--model", tiny_bench_model, "--num-requests", "4", "--scale", "0.03",
-                            "--page-sizes", "4K", "--kv-layouts", "per_layer,interleaved", "--kv-memory", "4M",
-                            "--out", str(out)])
+    payload = compare.main(["--preset", "tiny", "--num-requests", "4", "--scale", "0.03", "--page-sizes", "4K",
+                            "--kv-layouts", "per_layer,interleaved", "--kv-memory", "4M", "--no-progress",
+                            "--no-plot", "--out", str(out)])
     saved = json.loads(out.read_text())
     assert saved["results"] == json.loads(json.dumps(payload["results"]))
-    assert (tmp_path / "cmp.txt").read_text().startswith("machine: ")
-    assert saved["tokens_identical_across_paths"] is True
-    for key in ("machine", "command", "load_avg_start", "load_avg_end", "workload", "block_size", "page_sizes"):
-        assert key in saved
-    rows = {r["path"]: r for r in saved["results"]}
-    assert set(rows) == {"paged", "vattention@4K", "vattention@4K/interleaved"}
+    assert saved["command"].startswith("vattn bench throughput --engines paged,vattention")
+    assert saved["token_check"]["mismatches"] == 0 and saved["token_check"]["tokens_identical"] is True
+    rows = {r["engine"]: r for r in saved["results"]}
+    assert list(rows) == ["paged", "vattention@4K", "vattention@4K/interleaved"]
     assert rows["vattention@4K/interleaved"]["tokens_per_unit"] < rows["vattention@4K"]["tokens_per_unit"]
+    assert rows["paged"]["output_ratio"] == 1.0 and rows["paged"]["map_wait_seconds"] == 0
     total_out = saved["workload"]["total_output_tokens"]
     for r in rows.values():
-        assert r["output_tokens"] == total_out
-        assert r["output_tokens_per_s"] > 0 and r["total_time_s"] > 0 and r["mean_ttft_s"] > 0
-        assert r["peak_mapped_bytes"] >= r["peak_used_bytes"] > 0
-        assert 0 < r["mean_used_fraction_of_mapped"] <= 1
-        assert r["preemptions"] >= 0 and r["map_wait_seconds"] >= 0
-    assert rows["paged"]["throughput_ratio"] == 1.0 and rows["paged"]["map_wait_seconds"] == 0
-    v = rows["vattention@4K"]
-    assert v["throughput_ratio"] == pytest.approx(v["output_tokens_per_s"] / rows["paged"]["output_tokens_per_s"])
-    assert v["peak_mapped_ratio"] == pytest.approx(v["peak_mapped_bytes"] / rows["paged"]["peak_mapped_bytes"])
+        assert r["output_tokens"] == total_out and r["output_tokens_per_s"] > 0
 
 
-def test_compare_token_check_can_fail():
-    wl = make_workload("alpaca", 2, seed=0)
-    ids = [r.request_id for r in wl.requests]
-    a = {"metrics": {"path": "paged"}, "tokens": {ids[0]: [5, 6, 7], ids[1]: [1]}}
-    b = {"metrics": {"path": "vattention@4K"}, "tokens": {ids[0]: [5, 9, 7], ids[1]: [1]}}
-    assert compare.check_tokens([a, a], wl) == 0
-    with pytest.raises(compare.TokenMismatchError, match=f"{ids[0]} at output token 1"):
-        compare.check_tokens([a, b], wl)
-    # a divergence where the reference's own logprobs show a near-tie is float noise, not a different computation
-    lp = [{5: -0.1}, {6: -1.0, 9: -1.0 - compare.NEAR_TIE / 2}, {7: -0.2}]
-    a_tie = {**a, "logprobs": {ids[0]: lp, ids[1]: [{1: -0.5}]}}
-    assert compare.check_tokens([a_tie, b], wl) == 1
-    lp_far = [{5: -0.1}, {6: -1.0, 9: -1.5}, {7: -0.2}]
-    with pytest.raises(compare.TokenMismatchError):
-        compare.check_tokens([{**a, "logprobs": {ids[0]: lp_far, ids[1]: [{1: -0.5}]}}, b], wl)
+def test_token_mismatch_still_writes_results(tmp_path, monkeypatch):
+    """A mismatch fails the run only after the JSON (with the mismatch count) is on disk."""
+    from vattn.bench import engines, throughput
 
+    real = engines.run_vattn
 
-def test_sharing_saves_memory_for_beams(tiny_bench_model, tmp_path):
-    out = tmp_path / "sharing.json"
-    compare_args = ["--model", tiny_bench_model, "--num-requests", "2", "--widths", "2,3", "--scale", "0.5",
-                    "--page-sizes", "4K", "--kv-memory", "8M", "--out", str(out)]
-    bench_sharing.main(compare_args)
+    def corrupt_paged(spec, wl, opts):
+        res = real(spec, wl, opts)
+        if spec.kind == "paged":
+            first = wl.requests[0].request_id
+            res.tokens[first] = [t + 1 for t in res.tokens[first]]
+        return res
+
+    monkeypatch.setattr(engines, "run_vattn", corrupt_paged)
+    out = tmp_path / "mm.json"
+    with pytest.raises(throughput.TokenMismatchError, match="1 MISMATCH"):
+        throughput.main(["--model", "tiny", "--engines", "vattention,paged", "--num-requests", "2", "--input-len",
+                         "6", "--output-len", "3", "--kv-memory", "4M", "--no-progress", "--no-plot",
+                         "--json", str(out)])
     saved = json.loads(out.read_text())
-    rows = saved["results"]
-    assert {(r["path"], r["mode"], r["width"]) for r in rows} == {
-        (p, m, w) for p in ("paged", "vattention@4K", "vattention@4K/interleaved")
-        for m in ("parallel", "beam") for w in (2, 3)}
-    for r in rows:
-        assert 0 < r["shared_peak_units"] <= r["unshared_peak_units"]
-        assert r["saved_peak_pct"] == pytest.approx(100 * (1 - r["shared_peak_units"] / r["unshared_peak_units"]))
-        assert r["shared_peak_bytes"] == r["shared_peak_units"] * r["unit_bytes"]
-    # forked beams share their prompt and common history: strictly less memory than independent requests
-    assert all(r["saved_mean_pct"] > 0 for r in rows if r["mode"] == "beam")
+    assert saved["token_check"]["mismatches"] == 1 and saved["token_check"]["tokens_identical"] is False
 
 
-def test_kernel_bench_cpu(tmp_path):
-    out = tmp_path / "kernels.json"
-    bench_kernels.main(["--batch", "2", "--prefill-batch", "1", "--contexts", "40", "--heads", "4", "--kv-heads", "2",
-                        "--head-dim", "16", "--repeats", "2", "--warmup", "0", "--out", str(out)])
-    saved = json.loads(out.read_text())
-    variants = {(r["phase"], r["variant"]) for r in saved["results"]}
-    assert variants == {(p, v) for p in ("decode", "prefill")
-                        for v in ("contiguous_sdpa", "paged_torch", "interleaved_sdpa")}
-    for r in saved["results"]:
-        assert r["median_us"] >= r["min_us"] > 0
-        if r["variant"] == "paged_torch":
-            assert r["paged_over_contiguous"] > 0
-        if r["variant"] == "interleaved_sdpa":
-            assert r["interleaved_over_contiguous"] > 0
+def test_benchmarks_shims_reject_bad_arguments(tmp_path):
+    from benchmarks import bench_sharing, compare
+    from vattn.bench import kernels
 
-
-def test_benchmarks_reject_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="--repeats"):
         compare.main(["--repeats", "0", "--out", str(tmp_path / "x.json")])
     with pytest.raises(ValueError, match="--widths"):
-        bench_sharing.main(["--widths", "1", "--out", str(tmp_path / "y.json")])
+        bench_sharing.main(["--preset", "tiny", "--widths", "1", "--num-requests", "1", "--kv-memory", "2M",
+                            "--scale", "0.05", "--engines", "paged", "--out", str(tmp_path / "y.json")])
     with pytest.raises(ValueError, match="--heads"):
-        bench_kernels.main(["--heads", "6", "--kv-heads", "4", "--out", str(tmp_path / "z.json")])
+        kernels.main(["--heads", "6", "--kv-heads", "4", "--out", str(tmp_path / "z.json")])
+
+
+def test_benchmarks_common_does_not_import_tests():
+    import benchmarks.common as common
+
+    assert "tests" not in open(common.__file__).read()
+    assert common.results_dir("cpu").name == "cpu"
 
 
 _TRITON_TWIN = r"""

@@ -1,4 +1,4 @@
-"""The `vattn` command: `vattn serve` (OpenAI-compatible HTTP server) and `vattn generate` (one-shot, offline).
+"""The `vattn` command: `vattn serve` (OpenAI-compatible server), `vattn generate` (offline), `vattn bench`.
 
 Every EngineConfig field is a flag, generated from the dataclass: `--max-num-seqs 32`, `--kv-cache paged`,
 `--no-enable-prefix-caching`; sizes in bytes take suffixes (`--kv-cache-memory 2G`, `--page-size 64K`).
@@ -139,6 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--sampling-seed", type=int, default=None, help="seed of the sampler (default: none)")
     gen.add_argument("--chat", action="store_true", help="wrap each prompt as a user message (chat template)")
     add_engine_args(gen)
+
+    # `vattn bench <mode> ...` is parsed by vattn.bench (main() hands it over before argparse sees it); listed here
+    # so that `vattn --help` shows it
+    sub.add_parser("bench", help="the comparative benchmark harness: throughput, serve, memory, kernels, roofline "
+                                 "(vattn bench --help)", add_help=False)
     return parser
 
 
@@ -203,6 +208,11 @@ def generate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "bench":
+        from vattn.bench.cli import main as bench_main
+
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=getattr(args, "log_level", "info").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

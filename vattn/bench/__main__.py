@@ -1,0 +1,5 @@
+import sys
+
+from vattn.bench.cli import main
+
+sys.exit(main())
