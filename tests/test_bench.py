@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from vattn.attention import cpu_kernels
 from vattn.bench import allocator as allocator_mode
 from vattn.bench import cli, kernels, memory, roofline, serve, throughput
 
@@ -176,8 +177,10 @@ def test_kernels_smoke(tmp_path):
                   "--head-dim", "16", "--repeats", "2", "--warmup", "0", "--json", str(out)])
     d = check_payload(out, "kernels")
     variants = {(r["phase"], r["variant"]) for r in d["results"]}
-    assert variants == {(p, v) for p in ("decode", "prefill")
-                        for v in ("contiguous_sdpa", "plain_sdpa", "paged_torch", "interleaved_sdpa")}
+    names = ("contiguous_sdpa", "plain_sdpa", "paged_torch", "interleaved_sdpa")
+    if cpu_kernels.available():  # our batched C++ twins on both layouts
+        names += ("contiguous_cpu", "plain_cpu", "paged_cpu", "interleaved_cpu")
+    assert variants == {(p, v) for p in ("decode", "prefill") for v in names}
     for r in d["results"]:
         assert r["median_us"] >= r["min_us"] > 0
         if r["variant"] == "contiguous_sdpa":

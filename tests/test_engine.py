@@ -270,3 +270,17 @@ def test_kv_gauges_never_go_negative_under_preemption_and_sharing(tiny_model, kv
         assert engine.scheduler.num_preemptions > 0 and steps > 0
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("kv_cache", ["vattention", "paged"])
+def test_parallel_samples_whose_parent_finishes_on_its_first_token(tiny_model, kv_cache):
+    """n > 1 forks the samples off sample 0 in the step it samples; sample 0 may finish on that very token."""
+    with make_llm(tiny_model("llama"), kv_cache=kv_cache) as llm:
+        out = llm.generate(prompt_token_ids=prompts_for(12, 2),
+                           sampling_params=SamplingParams(n=3, max_tokens=1, temperature=0.8, seed=1),
+                           use_tqdm=False)
+        assert [len(o.outputs) for o in out] == [3, 3]
+        assert all(len(c.token_ids) == 1 and c.finish_reason == "length" for o in out for c in o.outputs)
+        llm.engine.kv.reclaim_all()
+        st = llm.kv_stats()
+        assert st.units_free == st.units_total

@@ -159,9 +159,10 @@ class Scheduler:
         finish the sequences that reached an end."""
         for seq, q in zip(batch.seqs, batch.query_lens):
             seq.num_computed_tokens += q
-        for t in tokens:
+        for t in tokens:  # forks first: a parent may finish on the very token it samples with its children
             if t.fork_from is not None:
                 self.fork(t.fork_from, t.seq)
+        for t in tokens:
             t.seq.append_token(t.token_id, t.logprob, t.top_logprobs)
             end = self._finish_reason(t.seq, t.token_id)
             if end is not None:

@@ -29,6 +29,7 @@ import time
 
 import torch
 
+from vattn.attention import cpu_kernels
 from vattn.attention.contiguous import ContiguousAttention, flash_attn_available, torch_flash_supported
 from vattn.attention.metadata import AttentionMetadata
 from vattn.attention.paged import PagedAttention
@@ -94,6 +95,9 @@ def variants(lay: Layouts, scale: float, dtype, head_dim: int) -> dict[str, obje
     dev = lay.device
     contiguous = {"contiguous_sdpa": "sdpa"}
     paged = {"paged_torch": "torch"}
+    if dev.type == "cpu" and cpu_kernels.available():  # our batched C++ twins, one family for both layouts
+        contiguous["contiguous_cpu"] = "cpu"
+        paged["paged_cpu"] = "cpu"
     if dev.type == "cuda":
         paged["paged_triton"] = "triton"
         contiguous["contiguous_triton"] = "triton"
