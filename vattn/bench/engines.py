@@ -15,6 +15,8 @@ Every runner returns an EngineResult: its metrics, or the reason it did not run.
 
 from __future__ import annotations
 
+import bisect
+import dataclasses
 import statistics
 import time
 import zlib
@@ -150,14 +152,20 @@ def drive(engine: LLMEngine, wl: Workload, opts: RunOptions, sync, desc: str) ->
     arrival = {r.request_id: r.arrival for r in wl.requests}
     first, finish, tokens, logprobs, samples = {}, {}, {}, {}, []
     clock, steps = 0.0, 0
+    # Offline (everything arrives at once), run the engine as LLM.generate does: only finished outputs are built
+    # (vLLM's offline API does the same); the first token's time then comes from the engine's request metrics.
+    offline = wl.rate is None and all(r.arrival == 0 for r in wl.requests)
+    kind = "final_only" if offline else "cumulative"
+    step_walls, step_clocks = [], []  # wall time and clock at the end of each step (the clock skips stats sampling)
     st0, pre0 = engine.kv_stats(), engine.stats().num_preemptions
     bar = tqdm(total=len(wl.requests), desc=desc, disable=not opts.progress, leave=False)
     while pending or engine.has_unfinished_requests():
         t0 = time.perf_counter()
         while pending and pending[0].arrival <= clock:
             r = pending.pop(0)
-            engine.add_request(r.request_id, None, sampling_params(r, opts.logprobs, seed=zlib.crc32(r.request_id.encode())),
-                               prompt_token_ids=r.prompt_token_ids)
+            params = dataclasses.replace(sampling_params(r, opts.logprobs, seed=zlib.crc32(r.request_id.encode())),
+                                         output_kind=kind)
+            engine.add_request(r.request_id, None, params, prompt_token_ids=r.prompt_token_ids)
         if not engine.has_unfinished_requests():
             clock = pending[0].arrival  # idle until the next arrival
             continue
@@ -165,9 +173,14 @@ def drive(engine: LLMEngine, wl: Workload, opts: RunOptions, sync, desc: str) ->
         outs = engine.step()
         sync()
         clock += time.perf_counter() - t0
+        step_walls.append(time.time())
+        step_clocks.append(clock)
         steps += 1
         for out in outs:
             rid = out.request_id
+            if offline and out.finished and out.metrics.first_token_time:  # final_only: the step that saw it
+                i = bisect.bisect_left(step_walls, out.metrics.first_token_time)
+                first.setdefault(rid, step_clocks[min(i, len(step_clocks) - 1)])
             if rid not in first and out.outputs and out.outputs[0].token_ids:
                 first[rid] = clock
             if out.finished:
