@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> dict:
     for spec in specs:
         opts = RunOptions(model=model, device=device, dtype=args.dtype, kv_memory=args.kv_memory,
                           max_num_seqs=max(max(batches), args.max_num_seqs),
-                          max_model_len=args.max_model_len or args.context + args.steps + 2,
+                          max_model_len=args.max_model_len or args.context + args.steps + 3 + -(
+                              -max(batches) * args.context // args.max_num_batched_tokens),
                           max_num_batched_tokens=args.max_num_batched_tokens, attention_kernel=args.attention_kernel)
         engine = LLMEngine(engine_config(spec, opts))
         try:
