@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
 
 MODES = {
@@ -15,6 +16,10 @@ MODES = {
 }
 USAGE = ("usage: vattn bench {" + ",".join(MODES) + "} [flags]   (vattn bench <mode> --help)\n"
          "       vattn bench --setup-peers [--venv DIR] [--gpu|--no-gpu]")
+
+
+def _interrupt(signum, _frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vattn bench: error: unknown mode {mode!r}\n{USAGE}", file=sys.stderr)
         return 2
     module = importlib.import_module(MODES[mode])
+    signal.signal(signal.SIGTERM, _interrupt)  # a terminated run cleans up like an interrupted one (peer processes)
     try:
         module.main(rest)
     except (ValueError, FileNotFoundError) as exc:

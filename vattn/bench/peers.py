@@ -13,6 +13,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -89,13 +90,18 @@ def run_vllm_offline(spec: EngineSpec, wl: Workload, opts: RunOptions) -> Engine
         spec_path, out_path, log_path = Path(tmp, "spec.json"), Path(tmp, "out.json"), Path(tmp, "log.txt")
         spec_path.write_text(json.dumps(payload))
         t0 = time.perf_counter()
-        try:
-            with open(log_path, "w") as log:
-                proc = subprocess.run([str(py), str(script), "--spec", str(spec_path), "--out", str(out_path)],
-                                      stdout=log, stderr=subprocess.STDOUT, env=vllm_env(opts.kv_memory),
-                                      timeout=VLLM_TIMEOUT_S, cwd=tmp)
-        except subprocess.TimeoutExpired:
-            return EngineResult(spec, error=f"vLLM did not finish in {VLLM_TIMEOUT_S:.0f} s")
+        with open(log_path, "w") as log:  # its own session: vLLM's engine-core processes go down with it
+            proc = subprocess.Popen([str(py), str(script), "--spec", str(spec_path), "--out", str(out_path)],
+                                    stdout=log, stderr=subprocess.STDOUT, env=vllm_env(opts.kv_memory), cwd=tmp,
+                                    start_new_session=True)
+            try:
+                proc.wait(VLLM_TIMEOUT_S)
+            except BaseException as exc:  # timeout, Ctrl-C: never leave vLLM running
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                if isinstance(exc, subprocess.TimeoutExpired):
+                    return EngineResult(spec, error=f"vLLM did not finish in {VLLM_TIMEOUT_S:.0f} s")
+                raise
         wall = time.perf_counter() - t0
         if proc.returncode != 0 or not out_path.exists():
             return EngineResult(spec, error=f"vLLM failed (exit {proc.returncode}): "

@@ -48,8 +48,11 @@ def decode_steps(engine: LLMEngine, batch: int, context: int, steps: int, model_
                  sync) -> list[tuple[float, int, int]]:
     """(seconds, live KV bytes read, sequences running) of each of `steps` decode-only steps with `batch` sequences
     of ~`context` tokens (fewer run if the KV pool cannot hold them all: the row reports it)."""
+    # chunked prefill lets early sequences decode while later ones prefill: give every sequence enough tokens to
+    # still be decoding through all the timed steps
+    prefill_steps = -(-batch * context // engine.config.max_num_batched_tokens)
     wl = make_workload("fixed", batch, 1.0, seed, int(model_cfg["vocab_size"]), first_id=first_regular_id(model_cfg),
-                       input_len=context, output_len=steps + 2)
+                       input_len=context, output_len=steps + prefill_steps + 3)
     for r in wl.requests:
         engine.add_request(r.request_id, None, SamplingParams(temperature=0, max_tokens=r.max_tokens,
                                                               ignore_eos=True), prompt_token_ids=r.prompt_token_ids)
@@ -109,7 +112,8 @@ def main(argv: list[str] | None = None) -> dict:
     for spec in specs:
         opts = RunOptions(model=model, device=device, dtype=args.dtype, kv_memory=args.kv_memory,
                           max_num_seqs=max(max(batches), args.max_num_seqs),
-                          max_model_len=args.max_model_len or args.context + args.steps + 2,
+                          max_model_len=args.max_model_len or args.context + args.steps + 3 + -(
+                              -max(batches) * args.context // args.max_num_batched_tokens),
                           max_num_batched_tokens=args.max_num_batched_tokens, attention_kernel=args.attention_kernel)
         engine = LLMEngine(engine_config(spec, opts))
         try:
