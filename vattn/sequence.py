@@ -120,7 +120,7 @@ class Request:
     @property
     def num_cached_tokens(self) -> int:
         """Prompt tokens the prefix cache served when the request's first sequence was admitted."""
-        return self.seqs[0].num_cached_tokens or 0 if self.seqs else 0
+        return (self.seqs[0].num_cached_tokens or 0) if self.seqs else 0
 
     @property
     def live_seqs(self) -> list[Sequence]:

@@ -150,10 +150,11 @@ class VAttentionKVCache(KVCacheManager):
         with self.lock:
             self.map_wait_seconds += time.perf_counter() - t0  # the mapping thread held the lock
             slot = self.slots.slot_of.get(seq.seq_id)
-            if slot is not None and self._fits_without_change(slot, seq.num_computed_tokens, num_tokens):
-                self._register(seq, slot)  # the decode step's common case: nothing to map, copy or forget
-                self.slots.live[slot] = max(self.slots.live[slot], num_tokens)
-                return True
+            if slot is not None:
+                self._register(seq, slot)
+                if self._fits_without_change(slot, seq.num_computed_tokens, num_tokens):
+                    self.slots.live[slot] = max(self.slots.live[slot], num_tokens)  # the decode step's common case
+                    return True
             new = slot is None
             if new:
                 slot = self.slots.pick(self.pages_for(num_tokens))
@@ -162,7 +163,6 @@ class VAttentionKVCache(KVCacheManager):
                 start = match.num_tokens
             else:
                 start = seq.num_computed_tokens
-                self._register(seq, slot)
             k = len(match.units) if new else 0
             written = self._pages_written(slot, start, num_tokens, skip=k)
             shared = [p for p in written if self.pool.refcount(self._unit(slot, p)[0]) > 1]
@@ -194,11 +194,15 @@ class VAttentionKVCache(KVCacheManager):
             self.map_wait_seconds += time.perf_counter() - t1
         return True
 
+    def _sharing_anything(self) -> bool:
+        """Some page is mapped in two places or held by the prefix cache: writes must be checked."""
+        return bool(self.pool.num_shared or (self.prefix is not None and len(self.prefix)))
+
     def _fits_without_change(self, slot: int, start: int, stop: int) -> bool:
         """Row `slot` already maps every page for `stop` tokens, and none it writes is shared or cached."""
         if self.pages_for(stop) > self.slots.mapped[slot]:
             return False
-        if stop <= start or not (self.pool.num_shared or (self.prefix is not None and len(self.prefix))):
+        if stop <= start or not self._sharing_anything():
             return True
         # Tokens landing in the page the owner's previous token went to: that write already made the page
         # private and took it out of the prefix cache (only full pages are cached), so only a fork since then
@@ -211,7 +215,7 @@ class VAttentionKVCache(KVCacheManager):
 
     def _pages_written(self, slot: int, start: int, stop: int, skip: int = 0) -> list[int]:
         """Mapped pages of the row that writing tokens [start, stop) touches (pages < skip are about to be replaced)."""
-        if stop <= start or not (self.pool.num_shared or (self.prefix is not None and len(self.prefix))):
+        if stop <= start or not self._sharing_anything():
             return []  # nothing shared and nothing cached: the decode step's common case costs no lookups
         first = max(start * self.token_bytes // self.page_size, skip)
         last = (stop * self.token_bytes - 1) // self.page_size
@@ -235,8 +239,8 @@ class VAttentionKVCache(KVCacheManager):
         spare = self._spare(keep)
         if not self.pool.num_shared and not protect:
             return sum(n for _, n in spare)
-        return sum(1 for s, n in spare for p in range(self.slots.mapped[s] - n, self.slots.mapped[s])
-                   if self.pool.refcount(self._unit(s, p)[0]) == 1 and self._unit(s, p) not in protect)
+        units = (self._unit(s, p) for s, n in spare for p in range(self.slots.mapped[s] - n, self.slots.mapped[s]))
+        return sum(1 for u in units if self.pool.refcount(u[0]) == 1 and u not in protect)
 
     def _reclaim(self, units: int, keep: int | None = None) -> None:
         """Unmap spare trailing pages until `units` more pages (per tensor) are free, or nothing is spare."""
