@@ -284,3 +284,16 @@ def test_parallel_samples_whose_parent_finishes_on_its_first_token(tiny_model, k
         llm.engine.kv.reclaim_all()
         st = llm.kv_stats()
         assert st.units_free == st.units_total
+
+
+def test_num_threads_is_validated_and_applied(tiny_model):
+    import torch
+
+    with pytest.raises(ValueError, match="num_threads must be >= 1"):
+        EngineConfig(model=tiny_model("llama"), num_threads=0)
+    before = torch.get_num_threads()
+    try:
+        with make_llm(tiny_model("llama"), num_threads=2):
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
