@@ -164,6 +164,67 @@ inline void axpy(float* y, float a, const float* x, int64_t D) {
   for (int64_t d = 0; d < D; ++d) y[d] += a * x[d];
 }
 
+// The tile path (many query rows per item: prefill and long chunks) works on a block of KBLOCK keys at once, as two
+// small matrix products with no horizontal reductions: scores s[c] = q . k_c from the block's keys stored transposed
+// (kt[d * KBLOCK + c]), then acc += sum_c p[c] * v_c with the row's accumulator held in registers.
+constexpr int64_t TILE_ROWS = 8;  // items with at least this many query rows take the tile path
+
+#if defined(__AVX512F__)
+inline void block_scores(const float* q, const float* kt, float* s, int64_t D) {
+  static_assert(KBLOCK == 64, "block_scores holds one block in four registers");
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  for (int64_t d = 0; d < D; ++d) {
+    const __m512 qd = _mm512_set1_ps(q[d]);
+    const float* k = kt + d * KBLOCK;
+    a0 = _mm512_fmadd_ps(qd, _mm512_loadu_ps(k), a0);
+    a1 = _mm512_fmadd_ps(qd, _mm512_loadu_ps(k + 16), a1);
+    a2 = _mm512_fmadd_ps(qd, _mm512_loadu_ps(k + 32), a2);
+    a3 = _mm512_fmadd_ps(qd, _mm512_loadu_ps(k + 48), a3);
+  }
+  _mm512_storeu_ps(s, a0);
+  _mm512_storeu_ps(s + 16, a1);
+  _mm512_storeu_ps(s + 32, a2);
+  _mm512_storeu_ps(s + 48, a3);
+}
+
+template <int64_t NREG>
+inline void block_pv_regs(float* acc, const float* p, const float* vb, int64_t nb) {
+  __m512 a[NREG];
+  for (int64_t i = 0; i < NREG; ++i) a[i] = _mm512_loadu_ps(acc + 16 * i);
+  for (int64_t c = 0; c < nb; ++c) {
+    const __m512 pc = _mm512_set1_ps(p[c]);
+    const float* v = vb + c * NREG * 16;
+    for (int64_t i = 0; i < NREG; ++i) a[i] = _mm512_fmadd_ps(pc, _mm512_loadu_ps(v + 16 * i), a[i]);
+  }
+  for (int64_t i = 0; i < NREG; ++i) _mm512_storeu_ps(acc + 16 * i, a[i]);
+}
+
+// acc[0..D) += sum_c p[c] * vb[c * D .. + D)
+inline void block_pv(float* acc, const float* p, const float* vb, int64_t nb, int64_t D) {
+  switch (D) {
+    case 32: return block_pv_regs<2>(acc, p, vb, nb);
+    case 64: return block_pv_regs<4>(acc, p, vb, nb);
+    case 128: return block_pv_regs<8>(acc, p, vb, nb);
+    case 256: return block_pv_regs<16>(acc, p, vb, nb);
+    default:
+      for (int64_t c = 0; c < nb; ++c) axpy(acc, p[c], vb + c * D, D);
+  }
+}
+#else
+inline void block_scores(const float* q, const float* kt, float* s, int64_t D) {
+  float a[KBLOCK] = {};
+  for (int64_t d = 0; d < D; ++d) {
+    const float qd = q[d];
+    for (int64_t c = 0; c < KBLOCK; ++c) a[c] += qd * kt[d * KBLOCK + c];
+  }
+  std::memcpy(s, a, sizeof(a));
+}
+
+inline void block_pv(float* acc, const float* p, const float* vb, int64_t nb, int64_t D) {
+  for (int64_t c = 0; c < nb; ++c) axpy(acc, p[c], vb + c * D, D);
+}
+#endif
+
 // Where key (or value) n of sequence b lives, in elements from the cache's base.
 struct Layout {
   const int32_t* rows;
@@ -213,7 +274,8 @@ void attend(const Layout& L, const Item& it, const T* q, T* out, const T* kc, co
   const int64_t b = it.b, kvh = it.kv_head, nq = it.t1 - it.t0, R = nq * G;
   const int64_t ctx = ctxs[b], qlen = cu[b + 1] - cu[b], first = ctx - qlen;  // position of query 0
   const int64_t kend = first + it.t1;  // the tile's last query sees keys [0, kend)
-  ws.resize(R * D * 2 + R * KBLOCK + R * 2 + D * 2);
+  const bool tile = R >= TILE_ROWS;
+  ws.resize(R * D * 2 + R * KBLOCK + R * 2 + D * 2 + (tile ? 2 * KBLOCK * D : 0));
   float* qf = ws.data();            // [R, D] scaled queries, row r = (token t0 + r / G, head kvh * G + r % G)
   float* acc = qf + R * D;          // [R, D]
   float* s = acc + R * D;           // [R, KBLOCK] scores, then probabilities
@@ -221,6 +283,8 @@ void attend(const Layout& L, const Item& it, const T* q, T* out, const T* kc, co
   float* l = m + R;                 // [R] running sum
   float* kbuf = l + R;              // [D] a converted key row (non-float32 inputs)
   float* vbuf = kbuf + D;           // [D]
+  float* kt = vbuf + D;             // tile path: [D, KBLOCK] the block's keys, transposed (zero past the block's end)
+  float* vb = kt + KBLOCK * D;      // tile path: [KBLOCK, D] the block's values
   for (int64_t r = 0; r < R; ++r) {
     const T* src = q + (cu[b] + it.t0 + r / G) * q_t + (kvh * G + r % G) * q_h;
     for (int64_t d = 0; d < D; ++d) qf[r * D + d] = to_float(src[d]) * scale;
@@ -232,22 +296,45 @@ void attend(const Layout& L, const Item& it, const T* q, T* out, const T* kc, co
     const int64_t nb = std::min(KBLOCK, kend - n0);
     // Every row sees the whole block unless the block reaches past the tile's first query (the causal corner).
     const bool all_visible = n0 + nb - 1 <= first + it.t0;
-    for (int64_t c = 0; c < nb; ++c) {
-      const int64_t n = n0 + c;
-      int64_t row, pos;
-      if (n + PREFETCH < kend) {
-        L.locate<PAGED>(b, n + PREFETCH, row, pos);
-        prefetch_row(kc + row * L.k_row + pos * L.k_pos + kvh * L.k_head, D * sizeof(T));
+    if (tile) {
+      for (int64_t c = 0; c < KBLOCK; ++c) {
+        if (c >= nb) {
+          for (int64_t d = 0; d < D; ++d) kt[d * KBLOCK + c] = 0.f;
+          continue;
+        }
+        int64_t row, pos;
+        L.locate<PAGED>(b, n0 + c, row, pos);
+        const float* kf = as_float(kc + row * L.k_row + pos * L.k_pos + kvh * L.k_head, kbuf, D);
+        for (int64_t d = 0; d < D; ++d) kt[d * KBLOCK + c] = kf[d];
+        const float* vf = as_float(vc + row * L.v_row + pos * L.v_pos + kvh * L.v_head, vbuf, D);
+        std::memcpy(vb + c * D, vf, D * sizeof(float));
       }
-      if (c < PREFETCH) {  // the first values of this block, read once the scores are done
-        L.locate<PAGED>(b, n, row, pos);
-        prefetch_row(vc + row * L.v_row + pos * L.v_pos + kvh * L.v_head, D * sizeof(T));
-      }
-      L.locate<PAGED>(b, n, row, pos);
-      const float* kf = as_float(kc + row * L.k_row + pos * L.k_pos + kvh * L.k_head, kbuf, D);
       for (int64_t r = 0; r < R; ++r) {
-        const bool visible = all_visible || n <= first + it.t0 + r / G;
-        s[r * KBLOCK + c] = visible ? dot(qf + r * D, kf, D) : -std::numeric_limits<float>::infinity();
+        float* sr = s + r * KBLOCK;
+        block_scores(qf + r * D, kt, sr, D);
+        if (!all_visible) {
+          const int64_t last = first + it.t0 + r / G;  // the row's query sees keys n <= last
+          for (int64_t c = std::max<int64_t>(0, last + 1 - n0); c < nb; ++c) sr[c] = -std::numeric_limits<float>::infinity();
+        }
+      }
+    } else {
+      for (int64_t c = 0; c < nb; ++c) {
+        const int64_t n = n0 + c;
+        int64_t row, pos;
+        if (n + PREFETCH < kend) {
+          L.locate<PAGED>(b, n + PREFETCH, row, pos);
+          prefetch_row(kc + row * L.k_row + pos * L.k_pos + kvh * L.k_head, D * sizeof(T));
+        }
+        if (c < PREFETCH) {  // the first values of this block, read once the scores are done
+          L.locate<PAGED>(b, n, row, pos);
+          prefetch_row(vc + row * L.v_row + pos * L.v_pos + kvh * L.v_head, D * sizeof(T));
+        }
+        L.locate<PAGED>(b, n, row, pos);
+        const float* kf = as_float(kc + row * L.k_row + pos * L.k_pos + kvh * L.k_head, kbuf, D);
+        for (int64_t r = 0; r < R; ++r) {
+          const bool visible = all_visible || n <= first + it.t0 + r / G;
+          s[r * KBLOCK + c] = visible ? dot(qf + r * D, kf, D) : -std::numeric_limits<float>::infinity();
+        }
       }
     }
     for (int64_t r = 0; r < R; ++r) {
@@ -261,6 +348,10 @@ void attend(const Layout& L, const Item& it, const T* q, T* out, const T* kc, co
         float* ar = acc + r * D;
         for (int64_t d = 0; d < D; ++d) ar[d] *= alpha;
       }
+    }
+    if (tile) {
+      for (int64_t r = 0; r < R; ++r) block_pv(acc + r * D, s + r * KBLOCK, vb, nb, D);
+      continue;
     }
     for (int64_t c = 0; c < nb; ++c) {
       int64_t row, pos;
