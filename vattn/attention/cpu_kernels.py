@@ -20,95 +20,41 @@ per-sequence torch paths.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import os
-import re
-import shutil
 import sys
-import sysconfig
-import threading
 import warnings
 from pathlib import Path
 
 import torch
 
+from vattn.cpp_extension import CppExtension
+
 SOURCE = Path(__file__).parent / "csrc" / "cpu_attention.cpp"
-_ARCH_FLAGS = {  # by torch's own view of the CPU, so the build runs wherever torch's vector kernels run
-    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"],
-    "AVX2": ["-mavx2", "-mfma", "-mf16c"],
-}
-_lock = threading.Lock()
-_ext = None
-_error: str | None = None
-
-
-def _flags() -> list[str]:
-    arch = _ARCH_FLAGS.get(torch.backends.cpu.get_cpu_capability(), []) if _is_x86() else []
-    # -fopenmp makes at::parallel_for (inline, OpenMP in torch's CPU builds) run on torch's threads; the OpenMP
-    # symbols resolve against the runtime torch already loaded, so torch.set_num_threads governs the kernel too.
-    return ["-O3", "-ffp-contract=fast", "-fopenmp", *arch]
-
-
-def _is_x86() -> bool:
-    return sysconfig.get_platform().endswith(("x86_64", "amd64"))
+EXTENSION = CppExtension("vattn_cpu_attention", SOURCE, "CPU attention kernel", "per-sequence torch attention",
+                         extra_flags=("-ffp-contract=fast",))
 
 
 def build_directory() -> Path:
     """Where the compiled module lives: one directory per (source, flags, Python, torch, CPU capability)."""
-    root = Path(os.environ.get("VATTN_KERNEL_CACHE") or Path.home() / ".cache" / "vattn" / "kernels")
-    return root / _module_name()
-
-
-def _module_name() -> str:
-    key = hashlib.sha1(SOURCE.read_bytes() + " ".join(_flags()).encode()).hexdigest()[:12]
-    tag = f"py{sys.version_info[0]}{sys.version_info[1]}_torch{torch.__version__}_{torch.backends.cpu.get_cpu_capability()}"
-    return re.sub(r"\W", "_", f"vattn_cpu_attention_{tag}_{key}").lower()
-
-
-def _put_ninja_on_path() -> None:
-    """torch runs `ninja` from PATH; the ninja wheel (a dependency) puts it next to this interpreter's scripts, which
-    are not on PATH when the venv's python is run without activating the venv."""
-    scripts = sysconfig.get_path("scripts")
-    if shutil.which("ninja") is None and scripts and os.path.exists(os.path.join(scripts, "ninja")):
-        os.environ["PATH"] = scripts + os.pathsep + os.environ.get("PATH", "")
+    return EXTENSION.build_directory()
 
 
 def load(verbose: bool = False):
     """The compiled module (built on first use), or None after one warning when it cannot be built here."""
-    global _ext, _error
-    with _lock:
-        if _ext is not None or _error is not None:
-            return _ext
-        try:
-            from torch.utils.cpp_extension import load as cpp_load
-
-            _put_ninja_on_path()
-            build_dir = build_directory()
-            build_dir.mkdir(parents=True, exist_ok=True)
-            _ext = cpp_load(name=_module_name(), sources=[str(SOURCE)], extra_cflags=_flags(),
-                            build_directory=str(build_dir), verbose=verbose)
-        except Exception as e:  # no compiler, no ninja, a compile error: fall back, loudly, once
-            _error = f"{type(e).__name__}: {str(e).strip()[-2000:]}"
-            warnings.warn(f"vattn: the CPU attention kernel could not be built, falling back to per-sequence torch "
-                          f"attention (slower). Reason: {_error}", RuntimeWarning, stacklevel=2)
-        return _ext
+    return EXTENSION.load(verbose)
 
 
 def available() -> bool:
     """Whether the kernel is built (building it now if needed)."""
-    return load() is not None
+    return EXTENSION.available()
 
 
 def build_error() -> str | None:
     """Why the last build failed, or None."""
-    return _error
+    return EXTENSION.error
 
 
 def _ext_or_raise():
-    ext = load()
-    if ext is None:
-        raise RuntimeError(f"the CPU attention kernel is not available: {_error}")
-    return ext
+    return EXTENSION.require()
 
 
 def contiguous_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
@@ -143,21 +89,25 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m vattn.attention.cpu_kernels", description=__doc__.split("\n")[0])
-    ap.add_argument("--build", action="store_true", help="compile the kernel now (make install runs this)")
+    ap.add_argument("--build", action="store_true", help="compile our CPU kernels now (make install runs this)")
     ap.add_argument("--verbose", action="store_true", help="show the compiler's output")
     args = ap.parse_args(argv)
     if not args.build:
         ap.print_help()
         return 0
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ok = load(verbose=args.verbose) is not None
-    if ok:
-        print(f"vattn CPU attention kernel ready in {build_directory()}")
-        return 0
-    print(f"vattn CPU attention kernel could not be built (the per-sequence torch paths will be used): {_error}",
-          file=sys.stderr)
-    return 1
+    from vattn.models import cpu_layers
+
+    status = 0
+    for ext in (EXTENSION, cpu_layers.EXTENSION):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ok = ext.load(verbose=args.verbose) is not None
+        if ok:
+            print(f"vattn {ext.what} ready in {ext.build_directory()}")
+        else:
+            print(f"vattn {ext.what} could not be built ({ext.fallback} will be used): {ext.error}", file=sys.stderr)
+            status = 1
+    return status
 
 
 if __name__ == "__main__":

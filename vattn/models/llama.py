@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vattn.models import cpu_layers
 from vattn.models.config import ModelConfig
 from vattn.models.rope import RotaryEmbedding, apply_rope
 
@@ -21,7 +22,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        if fused and x.dim() == 2:
+            return cpu_layers.rms_norm(x, self.weight, self.eps)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
@@ -39,7 +42,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
 
-    def forward(self, x, cos, sin, meta, backend) -> torch.Tensor:
+    def forward(self, x, cos, sin, meta, backend, fused: bool = False) -> torch.Tensor:
         T = x.shape[0]
         q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
         q = q.view(T, self.num_heads, self.head_dim)
@@ -47,7 +50,10 @@ class Attention(nn.Module):
         v = v.view(T, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if fused:  # in place, on the qkv output's views
+            cpu_layers.rope_(q, cos, sin), cpu_layers.rope_(k, cos, sin)
+        else:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = backend.forward(self.layer_idx, q, k, v, meta)
         return self.o_proj(out.reshape(T, -1))
 
@@ -58,7 +64,9 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        if fused:
+            return self.down_proj(cpu_layers.silu_and_mul(self.gate_up_proj(x)))
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
@@ -71,9 +79,15 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, meta, backend) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, backend)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, meta, backend, fused: bool = False) -> torch.Tensor:
+        """x + attn(norm(x)), then + mlp(norm(.)). fused (CPU): our one-pass ops, the residual updated in place."""
+        if not fused:
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, backend)
+            return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.self_attn(self.input_layernorm(x, fused), cos, sin, meta, backend, fused)
+        norm = self.post_attention_layernorm
+        cpu_layers.add_rms_norm(h, x, norm.weight, norm.eps)  # x += h; h = norm(x)
+        return x.add_(self.mlp(h, fused))
 
 
 class Backbone(nn.Module):
@@ -112,9 +126,12 @@ class CausalLM(nn.Module):
             )
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, x.dtype)
+        fused = cpu_layers.use_for(x)
+        if fused:
+            cos, sin = cos.view(cos.shape[0], -1), sin.view(sin.shape[0], -1)  # [T, head_dim]
         for layer in self.model.layers:
-            x = layer(x, cos, sin, meta, self.attn_backend)
-        return self.model.norm(x)
+            x = layer(x, cos, sin, meta, self.attn_backend, fused)
+        return self.model.norm(x, fused)
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

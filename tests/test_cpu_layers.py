@@ -1,0 +1,130 @@
+"""The fused CPU layer ops (vattn/models/csrc/cpu_layers.cpp) against the plain-torch expressions they replace."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vattn.models import cpu_layers
+from vattn.models.rope import apply_rope
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
+       torch.float16: dict(atol=2e-3, rtol=2e-3)}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    if not cpu_layers.available():
+        if shutil.which(os.environ.get("CXX", "c++")) is None:
+            pytest.skip(f"no C++ compiler: {cpu_layers.EXTENSION.error}")
+        pytest.fail(f"the fused CPU layer ops did not build: {cpu_layers.EXTENSION.error}")
+
+
+def torch_rms(x, w, eps):
+    h = x.float()
+    return w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rms_norm_and_the_fused_residual_add(dtype):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(37, 96, generator=g) * 3).to(dtype)
+    w = torch.randn(96, generator=g).to(dtype)
+    torch.testing.assert_close(cpu_layers.rms_norm(x, w, 1e-6), torch_rms(x, w, 1e-6), **TOL[dtype])
+    h, res = torch.randn(37, 96, generator=g).to(dtype), x.clone()
+    want_res = res + h
+    cpu_layers.add_rms_norm(h, res, w, 1e-5)
+    torch.testing.assert_close(res, want_res, **TOL[dtype])
+    torch.testing.assert_close(h, torch_rms(want_res, w, 1e-5), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_in_place_on_strided_qkv_views(dtype):
+    """q and k are views of one fused projection output (token stride = q + 2 kv widths): only they change."""
+    T, H, Hk, D = 11, 4, 2, 32
+    g = torch.Generator().manual_seed(1)
+    qkv = torch.randn(T, (H + 2 * Hk) * D, generator=g).to(dtype)
+    before = qkv.clone()
+    q, k, v = qkv.split((H * D, Hk * D, Hk * D), dim=-1)
+    q, k = q.view(T, H, D), k.view(T, Hk, D)
+    freqs = torch.arange(T).float()[:, None] * torch.rand(D // 2, generator=g)[None, :]
+    emb = torch.cat((freqs, freqs), -1)
+    cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+    want_q, want_k = apply_rope(q, cos[:, None], sin[:, None]), apply_rope(k, cos[:, None], sin[:, None])
+    cpu_layers.rope_(q, cos, sin), cpu_layers.rope_(k, cos, sin)
+    torch.testing.assert_close(q, want_q, **TOL[dtype])
+    torch.testing.assert_close(k, want_k, **TOL[dtype])
+    assert torch.equal(v, before[:, (H + Hk) * D:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_and_mul_over_the_whole_range(dtype):
+    x = torch.linspace(-120, 120, 2 * 3 * 500).reshape(3, 1000).to(dtype)
+    x = torch.cat([x, torch.randn(5, 1000)]).to(dtype)
+    torch.testing.assert_close(cpu_layers.silu_and_mul(x), F.silu(x[:, :500]) * x[:, 500:], **TOL[dtype])
+
+
+def test_bad_shapes_are_value_errors_naming_the_problem():
+    with pytest.raises(ValueError, match="weight must be 1-d"):
+        cpu_layers.rms_norm(torch.randn(4, 8), torch.randn(7), 1e-6)
+    with pytest.raises(ValueError, match="must be 2-d"):
+        cpu_layers.rms_norm(torch.randn(2, 4, 8), torch.randn(8), 1e-6)
+    with pytest.raises(ValueError, match="head_dim must be even"):
+        cpu_layers.rope_(torch.randn(3, 2, 7), torch.randn(3, 7), torch.randn(3, 7))
+    with pytest.raises(ValueError, match="cos and sin"):
+        cpu_layers.rope_(torch.randn(3, 2, 8), torch.randn(4, 8), torch.randn(4, 8))
+    with pytest.raises(ValueError, match=r"\[T, 2I\]"):
+        cpu_layers.silu_and_mul(torch.randn(3, 7))
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
+def test_the_decoder_gives_the_same_logits_fused_or_not(tiny_model, family, monkeypatch):
+    """The same steps through a tiny model of each family with the fused ops and with plain torch."""
+    from vattn.config import EngineConfig
+    from vattn.engine import LLMEngine
+    from vattn.sampling_params import SamplingParams
+
+    def run() -> list[list[float]]:
+        eng = LLMEngine(EngineConfig(model=tiny_model(family), device="cpu", dtype="float32",
+                                     kv_cache_memory=1 << 22, max_model_len=128))
+        try:
+            eng.add_request("r", params=SamplingParams(max_tokens=6, temperature=0, logprobs=3),
+                            prompt_token_ids=list(range(5, 40)))
+            while eng.has_unfinished_requests():
+                done = [o for o in eng.step() if o.finished]
+            return [sorted(lp.values()) for lp in done[0].outputs[0].logprobs], done[0].outputs[0].token_ids
+        finally:
+            eng.close()
+
+    fused_lps, fused_tokens = run()
+    monkeypatch.setattr(cpu_layers, "use_for", lambda x: False)
+    plain_lps, plain_tokens = run()
+    assert fused_tokens == plain_tokens and len(fused_tokens) == 6
+    torch.testing.assert_close(torch.tensor(fused_lps), torch.tensor(plain_lps), atol=1e-4, rtol=1e-4)
+
+
+_NO_COMPILER = textwrap.dedent("""
+    import warnings, torch
+    from vattn.models import cpu_layers
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert not cpu_layers.use_for(torch.zeros(2, 2))
+        assert not cpu_layers.available()
+    assert sum("could not be built" in str(w.message) for w in caught) == 1, [str(w.message) for w in caught]
+    print("ok")
+""")
+
+
+def test_no_compiler_means_plain_torch_with_one_warning(tmp_path):
+    env = {**os.environ, "PYTHONPATH": ROOT, "VATTN_KERNEL_CACHE": str(tmp_path), "CXX": str(tmp_path / "no-c++")}
+    r = subprocess.run([sys.executable, "-c", _NO_COMPILER], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env=env)
+    assert r.returncode == 0 and r.stdout.startswith("ok"), (r.stdout[-500:], r.stderr[-2000:])
