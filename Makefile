@@ -15,7 +15,7 @@ $(PY):
 $(STAMP): $(PY) pyproject.toml
 	$(PIP) install --quiet "$(TORCH_SPEC)"
 	$(PIP) install --quiet -e ".[test]"
-	-$(PY) -m vattn.attention.cpu_kernels --build  # the CPU attention kernel; without a compiler vattn falls back
+	-$(PY) -m vattn.attention.cpu_kernels --build  # our CPU kernels (attention, fused layer ops); without a compiler vattn falls back
 	touch $(STAMP)
 
 install: $(STAMP)
