@@ -1,4 +1,4 @@
-"""Fused CPU layer ops (csrc/cpu_layers.cpp): RMSNorm, residual add + RMSNorm, rotary embedding, SiLU-and-mul.
+"""Fused CPU layer ops (csrc/cpu_layers.cpp): RMSNorm, residual add + RMSNorm, in-place rotary embedding.
 
 Each replaces several plain-torch ops (and their temporaries) with one pass over memory; the decoder uses them on
 CPU when the extension builds, and the plain-torch expressions otherwise (`available()` says which). Both compute the
@@ -41,10 +41,3 @@ def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     """In place on x [T, heads, D] (any token/head strides): x * cos + rotate_half(x) * sin; cos/sin [T, D]."""
     EXTENSION.require().rope(x, cos, sin)
     return x
-
-
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """x [T, 2I] -> silu(x[:, :I]) * x[:, I:]."""
-    out = x.new_empty(x.shape[0], x.shape[1] // 2)
-    EXTENSION.require().silu_and_mul(out, x)
-    return out

@@ -64,9 +64,7 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
-        if fused:
-            return self.down_proj(cpu_layers.silu_and_mul(self.gate_up_proj(x)))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
@@ -87,7 +85,7 @@ class DecoderLayer(nn.Module):
         h = self.self_attn(self.input_layernorm(x, fused), cos, sin, meta, backend, fused)
         norm = self.post_attention_layernorm
         cpu_layers.add_rms_norm(h, x, norm.weight, norm.eps)  # x += h; h = norm(x)
-        return x.add_(self.mlp(h, fused))
+        return x.add_(self.mlp(h))
 
 
 class Backbone(nn.Module):
