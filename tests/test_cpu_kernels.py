@@ -115,6 +115,8 @@ CASES = [  # (query heads, kv heads, head_dim, block_size, query lens, context l
     (2, 2, 16, 4, [1, 1, 1], [1, 4, 9]),  # decode only, MHA, a context of one token
     (8, 2, 64, 16, [37, 2, 1], [37, 100, 130]),  # a prefill over several query tiles, contexts over two key blocks
     (4, 1, 32, 16, [70], [150]),  # one long chunk after a cached prefix: tiles of different key ranges
+    # a decode batch large enough that each sequence is one item over all its kv heads, beside a prefill
+    (8, 4, 32, 8, [1] * 11 + [9], [3, 64, 65, 1, 130, 17, 5, 90, 33, 128, 2, 9]),
 ]
 TOL = {torch.float32: dict(atol=2e-5, rtol=1e-4), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 
@@ -164,14 +166,29 @@ def test_threads_change_nothing():
         two = b.contiguous(fused=False)
     finally:
         torch.set_num_threads(threads)
-    assert torch.isfinite(one).all() and torch.equal(one, two)  # each (sequence, kv head, query tile) is computed whole by one thread
+    assert torch.isfinite(one).all() and torch.equal(one, two)  # each item is computed whole by one thread
+
+
+def test_decode_items_of_all_heads_equal_per_head_items():
+    """A decode batch big enough for whole-sequence items (>= 4 per thread) gives what per-head items give."""
+    b = Batch(*CASES[4], prewrite=True)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # 12 sequences: whole-sequence decode items
+        whole = b.contiguous(fused=False)
+        torch.set_num_threads(4)  # 12 < 16: one item per (sequence, kv head)
+        per_head = b.contiguous(fused=False)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(whole, per_head, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(whole.double(), b.reference(), **TOL[torch.float32])
 
 
 @settings(max_examples=40, deadline=None)
 @given(data=st.data(), group=st.sampled_from([1, 2, 4]), hk=st.integers(1, 3), d=st.sampled_from([8, 17, 64]),
        bs=st.integers(1, 20), paged=st.booleans())
 def test_random_ragged_batches(data, group, hk, d, bs, paged):
-    n = data.draw(st.integers(1, 6), label="sequences")
+    n = data.draw(st.integers(1, 12), label="sequences")  # >= 4 per thread: decodes become whole-sequence items
     ctxs = data.draw(st.lists(st.integers(1, 140), min_size=n, max_size=n), label="ctxs")
     qlens = [data.draw(st.integers(1, c), label="qlen") if data.draw(st.booleans(), label="prefill") else 1
              for c in ctxs]

@@ -244,8 +244,11 @@ struct Layout {
   }
 };
 
+// Query tokens [t0, t1) of sequence b, kv heads [kv_head, kv_head + num_kv). A decode token takes all kv heads of its
+// sequence in one item when the batch is large enough to keep every thread busy: its keys and values are then read
+// as one stream of whole positions (all heads are adjacent in memory) instead of one head's slice of each.
 struct Item {
-  int64_t b, kv_head, t0, t1, cost;
+  int64_t b, kv_head, num_kv, t0, t1, cost;
 };
 
 template <typename T, bool PAGED>
@@ -266,17 +269,17 @@ void write_kv(const Layout& L, T* kc, T* vc, const T* kn, const T* vn, const int
   });
 }
 
-// One work item: query tokens [t0, t1) of sequence b, the G query heads of kv head kvh.
+// One work item. Its rows are (token, kv head, query head of the GQA group), in that order.
 template <typename T, bool PAGED>
 void attend(const Layout& L, const Item& it, const T* q, T* out, const T* kc, const T* vc, const int32_t* cu,
             const int32_t* ctxs, int64_t G, int64_t D, int64_t q_t, int64_t q_h, int64_t o_t, int64_t o_h,
             float scale, std::vector<float>& ws) {
-  const int64_t b = it.b, kvh = it.kv_head, nq = it.t1 - it.t0, R = nq * G;
+  const int64_t b = it.b, kvh = it.kv_head, nkv = it.num_kv, nq = it.t1 - it.t0, W = nkv * G, R = nq * W;
   const int64_t ctx = ctxs[b], qlen = cu[b + 1] - cu[b], first = ctx - qlen;  // position of query 0
   const int64_t kend = first + it.t1;  // the tile's last query sees keys [0, kend)
-  const bool tile = R >= TILE_ROWS;
+  const bool tile = nkv == 1 && R >= TILE_ROWS;
   ws.resize(R * D * 2 + R * KBLOCK + R * 2 + D * 2 + (tile ? 2 * KBLOCK * D : 0));
-  float* qf = ws.data();            // [R, D] scaled queries, row r = (token t0 + r / G, head kvh * G + r % G)
+  float* qf = ws.data();            // [R, D] scaled queries, row r = (token t0 + r / W, head kvh * G + r % W)
   float* acc = qf + R * D;          // [R, D]
   float* s = acc + R * D;           // [R, KBLOCK] scores, then probabilities
   float* m = s + R * KBLOCK;        // [R] running max
@@ -286,7 +289,7 @@ void attend(const Layout& L, const Item& it, const T* q, T* out, const T* kc, co
   float* kt = vbuf + D;             // tile path: [D, KBLOCK] the block's keys, transposed (zero past the block's end)
   float* vb = kt + KBLOCK * D;      // tile path: [KBLOCK, D] the block's values
   for (int64_t r = 0; r < R; ++r) {
-    const T* src = q + (cu[b] + it.t0 + r / G) * q_t + (kvh * G + r % G) * q_h;
+    const T* src = q + (cu[b] + it.t0 + r / W) * q_t + (kvh * G + r % W) * q_h;
     for (int64_t d = 0; d < D; ++d) qf[r * D + d] = to_float(src[d]) * scale;
   }
   std::fill(acc, acc + R * D, 0.f);
@@ -320,20 +323,23 @@ void attend(const Layout& L, const Item& it, const T* q, T* out, const T* kc, co
     } else {
       for (int64_t c = 0; c < nb; ++c) {
         const int64_t n = n0 + c;
-        int64_t row, pos;
-        if (n + PREFETCH < kend) {
-          L.locate<PAGED>(b, n + PREFETCH, row, pos);
-          prefetch_row(kc + row * L.k_row + pos * L.k_pos + kvh * L.k_head, D * sizeof(T));
-        }
-        if (c < PREFETCH) {  // the first values of this block, read once the scores are done
-          L.locate<PAGED>(b, n, row, pos);
-          prefetch_row(vc + row * L.v_row + pos * L.v_pos + kvh * L.v_head, D * sizeof(T));
-        }
+        int64_t row, pos, prow, ppos;
         L.locate<PAGED>(b, n, row, pos);
-        const float* kf = as_float(kc + row * L.k_row + pos * L.k_pos + kvh * L.k_head, kbuf, D);
-        for (int64_t r = 0; r < R; ++r) {
-          const bool visible = all_visible || n <= first + it.t0 + r / G;
-          s[r * KBLOCK + c] = visible ? dot(qf + r * D, kf, D) : -std::numeric_limits<float>::infinity();
+        if (n + PREFETCH < kend) L.locate<PAGED>(b, n + PREFETCH, prow, ppos);
+        for (int64_t j = 0; j < nkv; ++j) {
+          const int64_t h = kvh + j;
+          if (n + PREFETCH < kend) prefetch_row(kc + prow * L.k_row + ppos * L.k_pos + h * L.k_head, D * sizeof(T));
+          if (c < PREFETCH) {  // the first values of this block, read once the scores are done
+            prefetch_row(vc + row * L.v_row + pos * L.v_pos + h * L.v_head, D * sizeof(T));
+          }
+          const float* kf = as_float(kc + row * L.k_row + pos * L.k_pos + h * L.k_head, kbuf, D);
+          for (int64_t t = 0; t < nq; ++t) {
+            const bool visible = all_visible || n <= first + it.t0 + t;
+            for (int64_t g = 0; g < G; ++g) {
+              const int64_t r = t * W + j * G + g;
+              s[r * KBLOCK + c] = visible ? dot(qf + r * D, kf, D) : -std::numeric_limits<float>::infinity();
+            }
+          }
         }
       }
     }
@@ -354,21 +360,25 @@ void attend(const Layout& L, const Item& it, const T* q, T* out, const T* kc, co
       continue;
     }
     for (int64_t c = 0; c < nb; ++c) {
-      int64_t row, pos;
-      if (c + PREFETCH < nb) {
-        L.locate<PAGED>(b, n0 + c + PREFETCH, row, pos);
-        prefetch_row(vc + row * L.v_row + pos * L.v_pos + kvh * L.v_head, D * sizeof(T));
-      }
+      int64_t row, pos, prow, ppos;
       L.locate<PAGED>(b, n0 + c, row, pos);
-      const float* vf = as_float(vc + row * L.v_row + pos * L.v_pos + kvh * L.v_head, vbuf, D);
-      for (int64_t r = 0; r < R; ++r) {
-        const float p = s[r * KBLOCK + c];
-        if (p != 0.f) axpy(acc + r * D, p, vf, D);
+      if (c + PREFETCH < nb) L.locate<PAGED>(b, n0 + c + PREFETCH, prow, ppos);
+      for (int64_t j = 0; j < nkv; ++j) {
+        const int64_t h = kvh + j;
+        if (c + PREFETCH < nb) prefetch_row(vc + prow * L.v_row + ppos * L.v_pos + h * L.v_head, D * sizeof(T));
+        const float* vf = as_float(vc + row * L.v_row + pos * L.v_pos + h * L.v_head, vbuf, D);
+        for (int64_t t = 0; t < nq; ++t) {
+          for (int64_t g = 0; g < G; ++g) {
+            const int64_t r = t * W + j * G + g;
+            const float p = s[r * KBLOCK + c];
+            if (p != 0.f) axpy(acc + r * D, p, vf, D);
+          }
+        }
       }
     }
   }
   for (int64_t r = 0; r < R; ++r) {
-    T* dst = out + (cu[b] + it.t0 + r / G) * o_t + (kvh * G + r % G) * o_h;
+    T* dst = out + (cu[b] + it.t0 + r / W) * o_t + (kvh * G + r % W) * o_h;
     const float inv = 1.f / l[r];
     for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(acc[r * D + d] * inv);
   }
@@ -388,11 +398,16 @@ void run(const Layout& L, const torch::Tensor& out, const torch::Tensor& q, cons
                        vn.stride(0), vn.stride(1));
   }
   std::vector<Item> items;
+  const bool whole_decode = B >= 4 * at::get_num_threads();  // enough sequences to spread over the threads
   for (int64_t b = 0; b < B; ++b) {
     const int64_t qlen = cu[b + 1] - cu[b];
+    if (qlen == 1 && whole_decode) {
+      items.push_back({b, 0, Hk, 0, 1, ctx[b] * Hk});
+      continue;
+    }
     for (int64_t t0 = 0; t0 < qlen; t0 += QTILE) {
       const int64_t t1 = std::min(qlen, t0 + QTILE), keys = ctx[b] - qlen + t1;
-      for (int64_t h = 0; h < Hk; ++h) items.push_back({b, h, t0, t1, (t1 - t0) * keys});
+      for (int64_t h = 0; h < Hk; ++h) items.push_back({b, h, 1, t0, t1, (t1 - t0) * keys});
     }
   }
   // Longest first, so that a long prefill tile does not start last and leave the other threads idle.
