@@ -33,6 +33,9 @@ HELP = {  # for fields whose line in config.py carries no comment
     "max_num_batched_tokens": "most tokens (prefill + decode) computed in one engine step",
     "enable_prefix_caching": "reuse the KV cache of a shared prompt prefix",
     "seed": "seed of the engine's default random generator",
+    "tensor_parallel_size": "ranks the model is split over (tensor parallelism): rank 0 runs the engine and starts "
+                            "N-1 workers, one GPU each on CUDA, at most one per core on CPU; kv-cache-memory is per "
+                            "rank",
     "attention_kernel": "attention kernel: auto, or for vattention "
                         + "|".join(config_module.ATTENTION_KERNELS["vattention"][1:])
                         + ", for paged " + "|".join(config_module.ATTENTION_KERNELS["paged"][1:]),
