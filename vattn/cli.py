@@ -184,10 +184,15 @@ def serve(args: argparse.Namespace) -> int:
     received = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, _frame: received.append(signum))
+    # an engine that cannot go on (a tensor-parallel worker died) shuts the server down, which then exits 1
+    async_engine.on_fatal = lambda exc: setattr(server, "should_exit", True)
     try:
         server.run()
     finally:
         async_engine.shutdown()  # no-op when the lifespan already did it
+    if async_engine.dead is not None and getattr(async_engine.dead, "fatal", False):
+        print(f"vattn serve: error: the engine stopped: {async_engine.dead}", file=sys.stderr)
+        return 1
     if received:
         logging.getLogger("vattn.server").info("shut down on %s", signal.Signals(received[0]).name)
     return 0 if server.started or received else 1

@@ -101,8 +101,9 @@ class LLMEngine:
 
     def _start_tensor_parallel(self, config: EngineConfig) -> None:
         """Check that the model splits over N ranks (before any process starts), then start or join them."""
-        from vattn.tp_worker import cpu_threads, start_group
+        from vattn.tp_worker import check_world, cpu_threads, start_group
 
+        check_world(config.tensor_parallel_size, self.device)
         check_divisible(ModelConfig.from_hf(read_config(config.model)), config.tensor_parallel_size)
         self.tp = start_group(config, self.device)
         self.device = self.tp.device
