@@ -17,7 +17,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from allocator import JournalMismatchError, PagePool, VirtualTensor, copy_on_write_many, map_many, open_backend, replay
+from allocator import (
+    JournalMismatchError,
+    PagePool,
+    VirtualTensor,
+    copy_on_write_many,
+    map_many,
+    open_backend,
+    replay,
+)
 from tests.hf_reference import assert_greedy
 from tests.server_utils import RemoteServer
 from tests.tiny_models import get_tiny_model, read_config
@@ -108,9 +116,9 @@ def test_tp2_prefix_sharing_forks_and_preemption_give_tp1_tokens(tiny_model):
     prompts = [prefix + [rng.randrange(3, 500) for _ in range(k)] for k in (5, 9, 3)] + random_prompts(8, [40, 20])
     params = [greedy(24), greedy(24, n=2), greedy(24), greedy(24), greedy(24, n=2)]
     beam = dict(beam_width=2, max_tokens=10, ignore_eos=True)
-    # the same page structure on both sizes: 64 tokens per page, 12 pages per tensor (TP=2 pages are half the bytes)
-    sizes = {1: dict(page_size=2 * PAGE, kv_cache_memory=12 * 4 * 2 * PAGE),
-             2: dict(page_size=PAGE, kv_cache_memory=12 * 4 * PAGE)}
+    # the same page structure on both sizes: 64 tokens per page, 6 pages per tensor (TP=2 pages are half the bytes)
+    sizes = {1: dict(page_size=2 * PAGE, kv_cache_memory=6 * 4 * 2 * PAGE),
+             2: dict(page_size=PAGE, kv_cache_memory=6 * 4 * PAGE)}
     results = {}
     for tp in (1, 2):
         with make_llm(path, "vattention", tp, max_num_seqs=6, max_num_batched_tokens=96, **sizes[tp]) as llm:
