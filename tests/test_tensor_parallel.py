@@ -7,6 +7,7 @@ Each LLM(tensor_parallel_size=2) starts a worker process: tests use one LLM for 
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -269,3 +270,22 @@ def test_server_with_tp2_answers_and_exits_nonzero_when_a_worker_dies(tiny_model
         code = srv.proc.wait(60)
         assert code == 1
         assert "WorkerDiedError" in srv.log() and "rank 1" in srv.log()
+
+
+# -- the benchmark --------------------------------------------------------------------------------------------------
+def test_bench_throughput_compares_tensor_parallel_sizes(tmp_path):
+    from vattn.bench import throughput
+
+    out = tmp_path / "t.json"
+    throughput.main(["--model", "tiny", "--num-requests", "3", "--input-len", "12", "--output-len", "5",
+                     "--engines", "vattention", "--tensor-parallel-size", "1,2", "--kv-memory", "4M",
+                     "--max-num-seqs", "4", "--no-progress", "--no-plot", "--json", str(out)])
+    d = json.loads(out.read_text())
+    rows = {r["engine"]: r for r in d["results"]}
+    assert list(rows) == ["vattention@64K", "vattention@64K/tp2"]
+    assert [rows[k]["tensor_parallel_size"] for k in rows] == [1, 2]
+    assert all(r["output_tokens"] == 3 * 5 and r["output_tokens_per_s"] > 0 for r in rows.values())
+    assert d["token_check"]["compared"] == ["vattention@64K/tp2"] and d["token_check"]["mismatches"] == 0
+    with pytest.raises(ValueError, match="--tensor-parallel-size: sizes must be >= 1"):
+        throughput.main(["--model", "tiny", "--tensor-parallel-size", "0", "--no-progress", "--no-plot",
+                         "--json", str(tmp_path / "x.json")])
