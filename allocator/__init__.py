@@ -11,6 +11,7 @@ from .backend import Backend
 from .batch import copy_on_write_many, map_many, unmap_many
 from .errors import AllocatorError, MappingError, PoolExhaustedError
 from .factory import open_backend
+from .journal import Journal, JournalMismatchError, replay
 from .pool import PagePool
 from .stats import AllocatorStats
 from .virtual_tensor import VirtualTensor
@@ -19,6 +20,8 @@ __all__ = [
     "AllocatorError",
     "AllocatorStats",
     "Backend",
+    "Journal",
+    "JournalMismatchError",
     "MappingError",
     "PagePool",
     "PoolExhaustedError",
@@ -26,5 +29,6 @@ __all__ = [
     "copy_on_write_many",
     "map_many",
     "open_backend",
+    "replay",
     "unmap_many",
 ]

@@ -44,6 +44,8 @@ def map_many(tensors: Sequence[VirtualTensor], first: int, count: int = 1) -> li
                 for pid in tids:
                     pool.decref(pid)
             raise
+        if pool.journal is not None:
+            pool.journal.record("map", tuple(t.index for t in tensors), first, count, per_tensor)
         return per_tensor
 
 
@@ -56,6 +58,8 @@ def unmap_many(tensors: Sequence[VirtualTensor], first: int, count: int = 1) -> 
             t.check_can_unmap(f"unmap_many (tensors[{i}])", first, count)
         for t in tensors:
             t._unmap_range(first, count)
+        if pool.journal is not None:
+            pool.journal.record("unmap", tuple(t.index for t in tensors), first, count)
 
 
 def copy_on_write_many(tensors: Sequence[VirtualTensor], vpages: Sequence[int]) -> int:

@@ -6,6 +6,7 @@ from dataclasses import asdict
 
 from .backend import Backend
 from .errors import AllocatorError, MappingError, PoolExhaustedError
+from .journal import Journal
 from .stats import AllocatorStats, Counters
 
 
@@ -42,6 +43,9 @@ class PagePool:
         self._free = list(range(num_pages))  # a sorted list is already a valid heap
         self._num_shared = 0
         self._tensors: dict[int, object] = {}  # id -> open VirtualTensor
+        self._by_index: dict[int, object] = {}  # index (opening order) -> open VirtualTensor
+        self._next_index = 0
+        self.journal: Journal | None = None  # records page operations when started (see allocator.journal)
         self._scratch: int | None = None  # a reservation used to stage copy-on-write copies
         self._scratch_pages = 0
         self.phys = backend.create_physical(num_pages)  # last: nothing after it can fail and leak the pages
@@ -130,11 +134,29 @@ class PagePool:
             self._scratch, self._scratch_pages = addr, size
         return self._scratch
 
-    def register(self, tensor) -> None:
+    def register(self, tensor) -> int:
+        """Track an open tensor; returns its index: 0, 1, ... in the order tensors are opened on this pool."""
+        index, self._next_index = self._next_index, self._next_index + 1
         self._tensors[id(tensor)] = tensor
+        self._by_index[index] = tensor
+        return index
 
     def unregister(self, tensor) -> None:
         self._tensors.pop(id(tensor), None)
+        self._by_index.pop(getattr(tensor, "index", None), None)
+
+    def tensor_at(self, index: int):
+        """The open VirtualTensor opened `index`-th on this pool."""
+        if index not in self._by_index:
+            raise MappingError(f"no open VirtualTensor with index {index} on this pool")
+        return self._by_index[index]
+
+    def start_journal(self) -> Journal:
+        """Record every map / share / unmap / copy-on-write from now on, for replay on a twin pool."""
+        with self.lock:
+            if self.journal is None:
+                self.journal = Journal(self.lock)
+            return self.journal
 
     # -- lifetime ---------------------------------------------------------------------
     def close(self, force: bool = False) -> None:

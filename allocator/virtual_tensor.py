@@ -55,7 +55,7 @@ class VirtualTensor:
             except BaseException:
                 self.backend.free_reservation(self.address, self.reserved_bytes)
                 raise
-            pool.register(self)
+            self.index = pool.register(self)  # journal entries name tensors by it
 
     # -- views --------------------------------------------------------------------------
     @property
@@ -118,6 +118,8 @@ class VirtualTensor:
                 for pid in ids:
                     self.pool.decref(pid)
                 raise
+            if self.pool.journal is not None:
+                self.pool.journal.record("map", (self.index,), first, count, [list(ids)])
             return ids
 
     def map_shared(self, vpage: int, page_id: int) -> None:
@@ -130,12 +132,16 @@ class VirtualTensor:
             except BaseException:
                 self.pool.decref(page_id)
                 raise
+            if self.pool.journal is not None:
+                self.pool.journal.record("share", self.index, vpage, page_id)
 
     def unmap(self, first: int, count: int = 1) -> None:
         """Unmap virtual pages [first, first+count); each page's refcount drops by one."""
         with self.pool.lock:
             self.check_can_unmap("unmap", first, count)
             self._unmap_range(first, count)
+            if self.pool.journal is not None:
+                self.pool.journal.record("unmap", (self.index,), first, count)
 
     def copy_on_write(self, vpage: int) -> bool:
         """If the page at `vpage` is shared, give this tensor a private copy; True if it copied.
@@ -290,6 +296,8 @@ def copy_on_write_pages(pool: PagePool, items: list[tuple["VirtualTensor", int]]
         pool.decref(old)
         t.counters.cow_copies += 1
         pool.counters.cow_copies += 1
+    if pool.journal is not None:
+        pool.journal.record("cow", [(t.index, v) for t, v in items], [t._pages[v] for t, v in items])
     return len(plan)
 
 

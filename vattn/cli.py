@@ -33,6 +33,9 @@ HELP = {  # for fields whose line in config.py carries no comment
     "max_num_batched_tokens": "most tokens (prefill + decode) computed in one engine step",
     "enable_prefix_caching": "reuse the KV cache of a shared prompt prefix",
     "seed": "seed of the engine's default random generator",
+    "tensor_parallel_size": "ranks the model is split over (tensor parallelism): rank 0 runs the engine and starts "
+                            "N-1 workers, one GPU each on CUDA, at most one per core on CPU; kv-cache-memory is per "
+                            "rank",
     "attention_kernel": "attention kernel: auto, or for vattention "
                         + "|".join(config_module.ATTENTION_KERNELS["vattention"][1:])
                         + ", for paged " + "|".join(config_module.ATTENTION_KERNELS["paged"][1:]),
@@ -181,10 +184,15 @@ def serve(args: argparse.Namespace) -> int:
     received = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, _frame: received.append(signum))
+    # an engine that cannot go on (a tensor-parallel worker died) shuts the server down, which then exits 1
+    async_engine.on_fatal = lambda exc: setattr(server, "should_exit", True)
     try:
         server.run()
     finally:
         async_engine.shutdown()  # no-op when the lifespan already did it
+    if async_engine.dead is not None and getattr(async_engine.dead, "fatal", False):
+        print(f"vattn serve: error: the engine stopped: {async_engine.dead}", file=sys.stderr)
+        return 1
     if received:
         logging.getLogger("vattn.server").info("shut down on %s", signal.Signals(received[0]).name)
     return 0 if server.started or received else 1

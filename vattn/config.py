@@ -36,8 +36,16 @@ class EngineConfig:
     # "auto", or one of the chosen path's kernels: vattention cpu|sdpa|torch_flash|flash_attn|triton, paged cpu|torch|triton|flash_attn
     attention_kernel: str = "auto"
     num_threads: int | None = None  # torch threads of the engine's process; None: torch's default (one per core)
+    # ranks the model is split over (Megatron-style); rank 0 runs the engine and starts N-1 worker processes
+    # (one GPU each on CUDA, at most one per core on CPU); kv_cache_memory is per rank
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
+        if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be an int >= 1, got {self.tensor_parallel_size!r}")
+        if self.tensor_parallel_size > 1 and self.preemption_mode == "swap":
+            raise ValueError("preemption_mode='swap' is not supported with tensor_parallel_size > 1 yet: "
+                             "use 'recompute' (the default with tensor parallelism)")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1 or None, got {self.num_threads}")
         if self.kv_cache not in KV_CACHE_KINDS:

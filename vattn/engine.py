@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -12,8 +13,10 @@ from vattn.beam_search import BeamSearch
 from vattn.config import EngineConfig
 from vattn.detokenizer import IncrementalDetokenizer
 from vattn.kv_cache import KVStats, create_kv_cache
-from vattn.loader import load_model, load_tokenizer
+from vattn.loader import load_model, load_tokenizer, read_config
 from vattn.model_runner import ModelRunner
+from vattn.models import ModelConfig
+from vattn.models.parallel import check_divisible, local_kv_heads
 from vattn.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from vattn.sampler import Sampler, SamplingRow, token_logprobs
 from vattn.sampling_params import SamplingParams
@@ -48,36 +51,76 @@ class EngineStats:
     cached_prompt_tokens: int = 0  # prompt tokens of ended requests that the prefix cache served
 
 
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
         self.device = resolve_device(config.device)
-        if config.dtype == "auto":
-            self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        else:
-            self.dtype = _DTYPES[config.dtype]
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.tp = None  # tensor parallelism: this process is rank 0 of config.tensor_parallel_size ranks
+        if config.tensor_parallel_size > 1:
+            self._start_tensor_parallel(config)
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
         torch.manual_seed(config.seed)
-        self.tokenizer = load_tokenizer(config.model)
-        self.model, self.spec = load_model(config.model, self.dtype, self.device)
-        self.max_model_len = config.max_model_len or min(self.spec.max_position_embeddings, 4096)
-        self.eos_token_ids = set(self.spec.eos_token_ids)
-        if self.tokenizer.eos_token_id is not None:
-            self.eos_token_ids.add(self.tokenizer.eos_token_id)
-        self.kv = create_kv_cache(
-            config.kv_cache, spec=self.spec, dtype=self.dtype, device=self.device,
-            max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len,
-            memory_bytes=config.kv_cache_memory or self._default_kv_memory(), page_size=config.page_size,
-            block_size=config.block_size, background_mapping=config.background_mapping,
-            enable_prefix_caching=config.enable_prefix_caching, attention_kernel=config.attention_kernel,
-            kv_layout=config.kv_layout)
+        self.kv = None
         try:
+            self.tokenizer = load_tokenizer(config.model)
+            self.model, self.spec = load_model(config.model, self.dtype, self.device, self.tp)
+            self.max_model_len = config.max_model_len or min(self.spec.max_position_embeddings, 4096)
+            self.eos_token_ids = set(self.spec.eos_token_ids)
+            if self.tokenizer.eos_token_id is not None:
+                self.eos_token_ids.add(self.tokenizer.eos_token_id)
+            kv_spec = self.spec  # with N ranks each holds its share of the kv heads
+            if self.tp is not None:
+                kv_spec = dataclasses.replace(self.spec, num_kv_heads=local_kv_heads(self.spec.num_kv_heads,
+                                                                                    self.tp.world_size))
+            kv_args = dict(
+                kind=config.kv_cache, spec=kv_spec, dtype=self.dtype, device=self.device,
+                max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len,
+                memory_bytes=config.kv_cache_memory or self._default_kv_memory(), page_size=config.page_size,
+                block_size=config.block_size, background_mapping=config.background_mapping,
+                enable_prefix_caching=config.enable_prefix_caching, attention_kernel=config.attention_kernel,
+                kv_layout=config.kv_layout)
+            self.kv = create_kv_cache(**kv_args)
+            if self.tp is not None:
+                self._start_workers_kv(kv_args)
             self._fit_max_model_len(config)
             self._finish_init(config)
-        except BaseException:  # a failed start must not keep the KV pool (85% of free GPU memory)
-            self.kv.close()
+        except BaseException:  # a failed start must not keep the KV pool (85% of free GPU memory) or workers
+            if self.kv is not None:
+                self.kv.close()
+            if self.tp is not None:
+                self.tp.close()
             raise
+
+    def _start_tensor_parallel(self, config: EngineConfig) -> None:
+        """Check that the model splits over N ranks (before any process starts), then start or join them."""
+        from vattn.tp_worker import check_world, cpu_threads, start_group
+
+        check_world(config.tensor_parallel_size, self.device)
+        check_divisible(ModelConfig.from_hf(read_config(config.model)), config.tensor_parallel_size)
+        self.tp = start_group(config, self.device)
+        self.device = self.tp.device
+        if self.device.type == "cpu" and config.num_threads is None:
+            torch.set_num_threads(cpu_threads(self.tp.world_size))
+
+    def _start_workers_kv(self, kv_args: dict) -> None:
+        """Rank 0's cache is built: the workers build its twins, and from now on its memory operations are
+        recorded for them (vattn.tp_worker)."""
+        self.kv.start_recording()
+        try:
+            self.tp.broadcast(("init", kv_args))
+            errors = [e for e in self.tp.gather(None) if e is not None]
+        except Exception as exc:
+            raise self.tp.failure(exc) from exc
+        if errors:
+            raise RuntimeError(f"a tensor-parallel worker could not build its KV cache: {'; '.join(errors)}")
 
     def _fit_max_model_len(self, config: EngineConfig) -> None:
         """A server must not advertise a length its KV pool cannot hold: refuse, or lower the default and say so."""
@@ -95,14 +138,14 @@ class LLMEngine:
 
     def _finish_init(self, config: EngineConfig) -> None:
         swapper = None
-        mode = config.preemption_mode or ("swap" if self.device.type == "cuda" else "recompute")
+        mode = config.preemption_mode or ("swap" if self.device.type == "cuda" and self.tp is None else "recompute")
         if mode == "swap":
             from vattn.swap import Swapper
             swapper = Swapper(self.kv)
         self.preemption_mode = mode
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, swapper,
                                    eos_token_ids=frozenset(self.eos_token_ids), max_model_len=self.max_model_len)
-        self.runner = ModelRunner(self.model, self.device, self.kv)
+        self.runner = ModelRunner(self.model, self.device, self.kv, self.tp)
         self.sampler = Sampler()
         self.requests: dict[str, Request] = {}
         self.prompt_tokens_total = 0
@@ -335,7 +378,20 @@ class LLMEngine:
                            self.scheduler.num_preemptions, self.prompt_tokens_total,
                            self.generation_tokens_total, self.kv.stats(), self.cached_prompt_tokens_total)
 
+    def rank_kv_stats(self) -> list[KVStats]:
+        """KV stats of every tensor-parallel rank, rank 0 first (one entry without tensor parallelism)."""
+        if self.tp is None:
+            return [self.kv.stats()]
+        self.tp.check()
+        try:
+            self.tp.broadcast(("stats", (self.kv.drain_ops(), None)))
+            return self.tp.gather(self.kv.stats())
+        except Exception as exc:
+            raise self.tp.failure(exc) from exc
+
     def close(self) -> None:
         for rid in list(self.requests):
             self.abort(rid)
         self.kv.close()
+        if self.tp is not None:
+            self.tp.close()

@@ -28,7 +28,12 @@ log = logging.getLogger("vattn.engine")
 
 
 class EngineProcessError(RuntimeError):
-    """The engine process failed, or is gone."""
+    """The engine process failed, or is gone. `fatal`: the engine cannot take another step."""
+
+    fatal = False
+
+
+FATAL_ERRORS = ("WorkerDiedError",)  # engine errors after which it cannot go on (vattn.distributed)
 
 
 def _core_main(conn: Connection, config: EngineConfig) -> None:
@@ -164,7 +169,9 @@ class EngineProcess:
         name, message = payload
         if name == "ValueError":  # the caller's mistake: keep its type so the server answers 400
             raise ValueError(message)
-        raise EngineProcessError(f"{name}: {message}")
+        err = EngineProcessError(f"{name}: {message}")
+        err.fatal = name in FATAL_ERRORS
+        raise err
 
     def _gone(self) -> EngineProcessError:
         self._proc.join(5)

@@ -112,6 +112,7 @@ def load_weights(model: nn.Module, files: list[Path]) -> None:
     """Copy every checkpoint tensor into its parameter (casting dtype/device); fail on gaps or extras."""
     cfg: ModelConfig = model.config
     params = dict(model.named_parameters())
+    modules = dict(model.named_modules())
     shard_sizes = {
         "qkv_proj": [cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim],
         "gate_up_proj": [cfg.intermediate_size, cfg.intermediate_size],
@@ -135,6 +136,14 @@ def load_weights(model: nn.Module, files: list[Path]) -> None:
                         break
                 if name not in params:
                     raise ValueError(f"checkpoint weight {hf_name!r} in {file.name} has no place in {cfg.architecture}")
+                owner, _, attr = name.rpartition(".")
+                if hasattr(modules[owner], "load_shard"):  # tensor parallel: read only this rank's slice
+                    try:
+                        modules[owner].load_shard(attr, shard, f.get_slice(hf_name))
+                    except ValueError as exc:
+                        raise ValueError(f"checkpoint weight {hf_name!r}: {exc}") from None
+                    loaded.add((name, shard))
+                    continue
                 param, tensor = params[name], f.get_tensor(hf_name)
                 fused = next((m for m in shard_sizes if f".{m}." in name), None)
                 target = param.data
@@ -150,15 +159,17 @@ def load_weights(model: nn.Module, files: list[Path]) -> None:
         raise ValueError(f"checkpoint is missing weights for: {', '.join(f'{n}[{i}]' for n, i in missing[:8])}")
 
 
-def load_model(path: str | Path, dtype: torch.dtype, device: torch.device | str) -> tuple[nn.Module, ModelSpec]:
-    """Build the model for `path`'s config.json and fill it from its safetensors, on `device` in `dtype`."""
+def load_model(path: str | Path, dtype: torch.dtype, device: torch.device | str,
+               tp=None) -> tuple[nn.Module, ModelSpec]:
+    """Build the model for `path`'s config.json and fill it from its safetensors, on `device` in `dtype`; with a
+    tensor-parallel group `tp` (vattn.distributed.TPGroup), this rank's shard, read slice by slice."""
     path = Path(path)
     hf = read_config(path)
     cfg = ModelConfig.from_hf(hf)
     files = weight_files(path)
     device = torch.device(device)
     with torch.device("meta"):
-        model = build_model(cfg)
+        model = build_model(cfg, tp)
     model = model.to(dtype=dtype).to_empty(device=device)
     model.tie_weights()
     model.rotary.reset(device)

@@ -89,6 +89,24 @@ class AttentionMetadata:
         return meta
 
 
+@dataclass
+class MetadataArgs:
+    """What AttentionMetadata is built from: plain lists, so a step's layout pickles small (tensor parallelism
+    sends it from rank 0 to the workers, which build the same metadata on their own device)."""
+
+    query_lens: list[int]
+    context_lens: list[int]
+    slots: list[int] | None = None  # contiguous path
+    block_tables: list[list[int]] | None = None  # paged path
+    block_size: int = 0
+
+    def build(self, device: torch.device | str = "cpu") -> AttentionMetadata:
+        if self.block_tables is not None:
+            return AttentionMetadata.build_paged(self.query_lens, self.context_lens, self.block_tables,
+                                                 self.block_size, device)
+        return AttentionMetadata.build_contiguous(self.query_lens, self.context_lens, self.slots, device)
+
+
 def _check_lens(query_lens, context_lens) -> tuple[list[int], list[int]]:
     query_lens, context_lens = [int(q) for q in query_lens], [int(c) for c in context_lens]
     if not query_lens:

@@ -42,17 +42,19 @@ class EngineSpec:
     page_size: int | None = None  # vattention
     kv_layout: str = "per_layer"  # vattention
     block_size: int = 16  # paged
+    tensor_parallel_size: int = 1  # vattn's paths: ranks the model is split over
 
     @property
     def label(self) -> str:
+        tp = f"/tp{self.tensor_parallel_size}" if self.tensor_parallel_size > 1 else ""
         if self.kind == "vattention":
             from vattn.bench.report import size_label
 
             return (f"vattention@{size_label(self.page_size)}" if self.page_size else "vattention") + (
-                "/interleaved" if self.kv_layout == "interleaved" else "")
+                "/interleaved" if self.kv_layout == "interleaved" else "") + tp
         if self.kind == "paged" and self.block_size != 16:
-            return f"paged@{self.block_size}"
-        return {"hf": "transformers", "vllm": "vllm"}.get(self.kind, self.kind)
+            return f"paged@{self.block_size}{tp}"
+        return {"hf": "transformers", "vllm": "vllm"}.get(self.kind, self.kind) + tp
 
 
 @dataclass
@@ -64,9 +66,10 @@ class EngineResult:
     samples: list[dict] = field(default_factory=list)  # per-step KV samples (vattn engines)
 
 
-def parse_engines(text: str, page_sizes: list[int | None], layouts: list[str], block_sizes: list[int]) -> list[EngineSpec]:
+def parse_engines(text: str, page_sizes: list[int | None], layouts: list[str], block_sizes: list[int],
+                  tp_sizes: list[int] = (1,)) -> list[EngineSpec]:
     """'vattention,paged,static,hf,vllm' -> specs; vattention expands over page sizes x layouts, paged over block
-    sizes."""
+    sizes, and vattn's paths over tensor-parallel sizes (a row per size)."""
     names = [e.strip() for e in text.split(",") if e.strip()]
     bad = [e for e in names if e not in ENGINE_KINDS]
     if bad or not names:
@@ -74,9 +77,12 @@ def parse_engines(text: str, page_sizes: list[int | None], layouts: list[str], b
     specs = []
     for name in names:
         if name == "vattention":
-            specs += [EngineSpec("vattention", ps, lay) for ps in page_sizes for lay in layouts]
+            specs += [EngineSpec("vattention", ps, lay, tensor_parallel_size=tp)
+                      for tp in tp_sizes for ps in page_sizes for lay in layouts]
         elif name == "paged":
-            specs += [EngineSpec("paged", block_size=b) for b in block_sizes]
+            specs += [EngineSpec("paged", block_size=b, tensor_parallel_size=tp) for tp in tp_sizes for b in block_sizes]
+        elif name == "static":
+            specs += [EngineSpec("static", tensor_parallel_size=tp) for tp in tp_sizes]
         else:
             specs.append(EngineSpec(name))
     return specs
@@ -134,7 +140,10 @@ def engine_config(spec: EngineSpec, opts: RunOptions) -> EngineConfig:
         page_size=page_size, kv_layout=layout, block_size=spec.block_size, max_num_seqs=opts.max_num_seqs,
         max_model_len=opts.max_model_len, max_num_batched_tokens=opts.max_num_batched_tokens,
         enable_prefix_caching=opts.enable_prefix_caching, preemption_mode=opts.preemption_mode,
-        attention_kernel=opts.attention_kernel if kind == "vattention" else "auto")
+        attention_kernel=opts.attention_kernel if kind == "vattention" else "auto",
+        tensor_parallel_size=spec.tensor_parallel_size,
+        # on CPU the ranks share the comparison's threads out (N ranks x threads/N: the same cores as TP=1)
+        num_threads=max(1, opts.threads // spec.tensor_parallel_size) if spec.tensor_parallel_size > 1 else None)
 
 
 def _kernel_name(engine: LLMEngine) -> str:
@@ -246,6 +255,7 @@ def run_vattn(spec: EngineSpec, wl: Workload, opts: RunOptions) -> EngineResult:
         if reclaim is not None:
             reclaim()
         res = drive(engine, wl, opts, sync, spec.label)
+        res.metrics["tensor_parallel_size"] = spec.tensor_parallel_size
         res.spec = spec
         res.metrics.update({"engine": spec.label, "kind": spec.kind, "attention_kernel": _kernel_name(engine),
                             "kv_layout": engine.config.kv_layout if engine.config.kv_cache == "vattention" else None,

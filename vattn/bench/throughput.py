@@ -48,6 +48,9 @@ def build_parser(ap: argparse.ArgumentParser | None = None) -> argparse.Argument
     ap.add_argument("--hf-batch-size", type=int, default=None, help="transformers static batch (default: max-num-seqs)")
     ap.add_argument("--check-tokens", action=argparse.BooleanOptionalAction, default=True,
                     help="check that vattn's paths give the same greedy tokens (default: on)")
+    ap.add_argument("--tensor-parallel-size", default="1",
+                    help="vattn's paths at each of these tensor-parallel sizes, a row per size: e.g. 1,2 "
+                         "(default: %(default)s)")
     ap.add_argument("--name", default=None, help="result file name (default: throughput_<workload>[_<model>])")
     options.add_model_args(ap)
     options.add_workload_args(ap)
@@ -79,7 +82,14 @@ def engine_specs(args, device: str) -> list[EngineSpec]:
     pages = options.split_sizes(args.page_sizes, "2M" if device == "cuda" else "64K", "--page-sizes")
     layouts = [x.strip() for x in args.kv_layouts.split(",") if x.strip()]
     blocks = [int(b) for b in args.block_sizes.split(",") if b.strip()]
-    return parse_engines(args.engines, pages, layouts, blocks)
+    tp = getattr(args, "tensor_parallel_size", "1")
+    try:
+        tp_sizes = [int(x) for x in str(tp).split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--tensor-parallel-size: not a list of ints: {tp!r}") from None
+    if not tp_sizes or min(tp_sizes) < 1:
+        raise ValueError(f"--tensor-parallel-size: sizes must be >= 1, got {tp!r}")
+    return parse_engines(args.engines, pages, layouts, blocks, tp_sizes)
 
 
 def logprob_gap_fn(spec: EngineSpec, opts: RunOptions):

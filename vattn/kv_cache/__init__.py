@@ -11,6 +11,7 @@ def create_kv_cache(kind: str, *, spec, dtype: torch.dtype, device: torch.device
                     max_model_len: int, memory_bytes: int, page_size: int | None, block_size: int,
                     background_mapping: bool, enable_prefix_caching: bool,
                     attention_kernel: str = "auto", kv_layout: str = "per_layer") -> KVCacheManager:
+    """`kind` "vattention" or "paged"; `spec` gives the layer count and this device's kv heads and head size."""
     common = dict(num_layers=spec.num_layers, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, dtype=dtype,
                   device=device, max_num_seqs=max_num_seqs, max_model_len=max_model_len, memory_bytes=memory_bytes,
                   enable_prefix_caching=enable_prefix_caching, attention_kernel=attention_kernel)

@@ -12,6 +12,7 @@ tests/test_kv_contract.py checks it once against each.
                                  parent's computed tokens. False, with nothing changed, when there is no room.
   free(seq)                      release what `seq` holds (computed full units stay in the prefix cache); idempotent.
   build_metadata(seqs, qlens)    pure: raises if a sequence lacks room for its step or would write a shared unit.
+                                 (metadata_args is the same as plain lists, built into tensors by .build(device).)
   read_tokens / write_tokens     host copies of a sequence's first n tokens, for swap preemption.
 
 No method writes seq.num_computed_tokens: the scheduler owns it. Every method raises the same ValueError for a
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vattn.attention.metadata import AttentionMetadata
+from vattn.attention.metadata import AttentionMetadata, MetadataArgs
 from vattn.sequence import Sequence
 
 
@@ -83,8 +84,30 @@ class KVCacheManager(ABC):
         """Let `child` share `parent`'s computed tokens; False (no change) when there is no room."""
 
     @abstractmethod
+    def metadata_args(self, seqs: list[Sequence], query_lens: list[int]) -> MetadataArgs:
+        """What one step's metadata is built from: seq i computes its tokens [num_computed, num_computed + q_i)."""
+
     def build_metadata(self, seqs: list[Sequence], query_lens: list[int], device: torch.device) -> AttentionMetadata:
         """Metadata for one step: seq i computes its tokens [num_computed, num_computed + query_lens[i])."""
+        return self.metadata_args(seqs, query_lens).build(device)
+
+    # Tensor parallelism (vattn.tp_worker): rank 0's manager records the memory operations of each step; every
+    # worker's manager (same kind and sizes, its own shard of the heads) applies them before the step's forward.
+    @abstractmethod
+    def start_recording(self) -> None:
+        """From now on, record the operations a twin cache must repeat (page maps and copies, block copies)."""
+
+    @abstractmethod
+    def drain_ops(self) -> list:
+        """The operations recorded since the last drain, oldest first (picklable)."""
+
+    @abstractmethod
+    def apply_ops(self, ops: list) -> None:
+        """Repeat a twin's recorded operations here; raises rather than diverge."""
+
+    @abstractmethod
+    def check_step(self, args: MetadataArgs) -> None:
+        """Raise if this cache (a worker's) cannot hold the step `args` describes."""
 
     @property
     @abstractmethod

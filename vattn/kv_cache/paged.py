@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from vattn.attention.metadata import AttentionMetadata
+from vattn.attention.metadata import MetadataArgs
 from vattn.attention.paged import PagedAttention
 from vattn.kv_cache.base import NO_MATCH, KVCacheManager, KVStats, PrefixMatch
 from vattn.kv_cache.block_pool import BlockPool
@@ -58,6 +58,7 @@ class PagedKVCache(KVCacheManager):
         self.num_tokens: dict[int, int] = {}  # seq_id -> tokens allocated (live)
         self._registered: dict[int, int] = {}  # seq_id -> leading blocks already offered to the prefix cache
         self.num_cow_copies = 0
+        self._copies: list[tuple[int, int]] | None = None  # block copies since the last drain, when recording
 
     # -- sizes ---------------------------------------------------------------------------------
     def blocks_for(self, num_tokens: int) -> int:
@@ -106,6 +107,10 @@ class PagedKVCache(KVCacheManager):
         self.num_tokens[sid] = max(num_tokens, self.num_tokens.get(sid, 0))
         return True
 
+    def _copy_block(self, old: int, new: int) -> None:
+        for pool in self.k_pools + self.v_pools:
+            pool[new].copy_(pool[old])
+
     def _shared_write_block(self, table: list[int], start: int, stop: int) -> int | None:
         """Index in `table` of a shared block that writing positions [start, stop) would touch, if any.
 
@@ -119,8 +124,9 @@ class PagedKVCache(KVCacheManager):
 
     def _copy_on_write(self, table: list[int], i: int) -> None:
         old, new = table[i], self.pool.allocate()
-        for pool in self.k_pools + self.v_pools:
-            pool[new].copy_(pool[old])
+        self._copy_block(old, new)
+        if self._copies is not None:
+            self._copies.append((old, new))
         self.pool.decref(old)
         table[i] = new
         self.num_cow_copies += 1
@@ -211,7 +217,7 @@ class PagedKVCache(KVCacheManager):
             self._registered[sid] = full
 
     # -- per step -------------------------------------------------------------------------------
-    def build_metadata(self, seqs: list[Sequence], query_lens: list[int], device: torch.device) -> AttentionMetadata:
+    def metadata_args(self, seqs: list[Sequence], query_lens: list[int]) -> MetadataArgs:
         context_lens = [s.num_computed_tokens + q for s, q in zip(seqs, query_lens)]
         tables = [self.tables[s.seq_id] for s in seqs]
         for s, table, ctx in zip(seqs, tables, context_lens):
@@ -222,7 +228,27 @@ class PagedKVCache(KVCacheManager):
             if cow is not None:
                 raise RuntimeError(f"sequence {s.seq_id} would write shared block {table[cow]}: allocate() makes "
                                    "the blocks a step writes private first")
-        return AttentionMetadata.build_paged(query_lens, context_lens, tables, self.block_size, device)
+        return MetadataArgs(query_lens, context_lens, block_tables=tables,
+                            block_size=self.block_size)
+
+    # -- tensor parallelism: rank 0 records its block copies, the workers make the same ones --------
+    def start_recording(self) -> None:
+        self._copies = []
+
+    def drain_ops(self) -> list:
+        if self._copies is None:
+            return []
+        ops, self._copies = self._copies, []
+        return ops
+
+    def apply_ops(self, ops: list) -> None:
+        for old, new in ops:
+            self._copy_block(old, new)
+
+    def check_step(self, args: MetadataArgs) -> None:
+        bad = [b for t in args.block_tables for b in t if not 0 <= b < self.num_blocks]
+        if bad:
+            raise ValueError(f"block ids {bad[:5]} are outside this rank's {self.num_blocks} blocks")
 
     @property
     def attention_backend(self) -> PagedAttention:

@@ -24,16 +24,18 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from allocator import (
+    JournalMismatchError,
     PagePool,
     PoolExhaustedError,
     VirtualTensor,
     copy_on_write_many,
     map_many,
     open_backend,
+    replay,
     unmap_many,
 )
 from vattn.attention.contiguous import ContiguousAttention
-from vattn.attention.metadata import AttentionMetadata
+from vattn.attention.metadata import MetadataArgs
 from vattn.kv_cache.base import NO_MATCH, KVCacheManager, KVStats, PrefixMatch
 from vattn.kv_cache.prefix_cache import PrefixCache
 from vattn.kv_cache.slot_table import SlotTable
@@ -382,14 +384,32 @@ class VAttentionKVCache(KVCacheManager):
             self._pending = None
 
     # -- per step -------------------------------------------------------------------------------
-    def build_metadata(self, seqs: list[Sequence], query_lens: list[int], device: torch.device) -> AttentionMetadata:
+    def metadata_args(self, seqs: list[Sequence], query_lens: list[int]) -> MetadataArgs:
         context_lens = [s.num_computed_tokens + q for s, q in zip(seqs, query_lens)]
         slots = [self.slots.slot_of[s.seq_id] for s in seqs]
         for s, slot, ctx in zip(seqs, slots, context_lens):
             if self.slots.live[slot] < ctx:
                 raise ValueError(f"sequence {s.seq_id} holds room for {self.slots.live[slot]} tokens, too few for "
                                  f"{ctx}: call allocate() first")
-        return AttentionMetadata.build_contiguous(query_lens, context_lens, slots, device)
+        return MetadataArgs(query_lens, context_lens, slots=slots)
+
+    # -- tensor parallelism: rank 0 records its page operations, the workers replay them ---------
+    def start_recording(self) -> None:
+        self.pool.start_journal()
+
+    def drain_ops(self) -> list:
+        return self.pool.journal.drain() if self.pool.journal is not None else []
+
+    def apply_ops(self, ops: list) -> None:
+        replay(self.pool, ops)
+
+    def check_step(self, args: MetadataArgs) -> None:
+        """A worker's cheap check before it computes: each sequence's last position is mapped here too."""
+        for slot, ctx in zip(args.slots, args.context_lens):
+            v = slot * self.pages_per_slot + (ctx * self.token_bytes - 1) // self.page_size
+            if not all(t.is_mapped(v) for t in (self.tensors[0], self.tensors[-1])):
+                raise JournalMismatchError(f"row {slot} needs page {v} mapped for {ctx} tokens, but this rank's "
+                                           "replayed journal left it unmapped")
 
     @property
     def attention_backend(self) -> ContiguousAttention:

@@ -3,6 +3,10 @@
 The batch is flattened and ragged: T tokens from B sequences, prefill chunks and decode tokens mixed.
 Attention goes through `model.attn_backend.forward(layer_idx, q, k, v, meta)`, which owns the KV cache.
 Module names follow the HF checkpoints except for two fusions: q/k/v -> qkv_proj, gate/up -> gate_up_proj.
+
+Tensor parallelism: given a `tp` group (vattn.distributed.TPGroup) of N > 1 ranks, each rank builds its shard
+(vattn.models.parallel: its heads and MLP columns, row-parallel o_proj/down_proj with an all-reduce, vocabulary-
+parallel embedding and LM head). With tp=None the layers are plain nn.Linear / nn.Embedding.
 """
 
 from __future__ import annotations
@@ -13,6 +17,15 @@ from torch import nn
 
 from vattn.models import cpu_layers
 from vattn.models.config import ModelConfig
+from vattn.models.parallel import (
+    ColumnParallelLinear,
+    ParallelLMHead,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    gate_up_parts,
+    local_kv_heads,
+    qkv_parts,
+)
 from vattn.models.rope import RotaryEmbedding, apply_rope
 
 
@@ -31,14 +44,19 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, tp=None):
         super().__init__()
         self.layer_idx = layer_idx
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        n = tp.world_size if tp is not None else 1
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads // n, local_kv_heads(cfg.num_kv_heads, n), cfg.head_dim
+        q_size, kv_size = self.num_heads * cfg.head_dim, self.num_kv_heads * cfg.head_dim
         self.split = (q_size, kv_size, kv_size)
-        self.qkv_proj = nn.Linear(cfg.hidden_size, q_size + 2 * kv_size, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(q_size, cfg.hidden_size, bias=cfg.o_bias)
+        if tp is None:
+            self.qkv_proj = nn.Linear(cfg.hidden_size, q_size + 2 * kv_size, bias=cfg.qkv_bias)
+            self.o_proj = nn.Linear(q_size, cfg.hidden_size, bias=cfg.o_bias)
+        else:
+            self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, qkv_parts(cfg, tp), bias=cfg.qkv_bias)
+            self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, cfg.o_bias, tp)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
 
@@ -59,10 +77,14 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp=None):
         super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        if tp is None:
+            self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+            self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        else:
+            self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, gate_up_parts(cfg, tp), bias=False)
+            self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, False, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -70,12 +92,12 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, tp=None):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, layer_idx)
+        self.self_attn = Attention(cfg, layer_idx, tp)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, tp)
 
     def forward(self, x, cos, sin, meta, backend, fused: bool = False) -> torch.Tensor:
         """x + attn(norm(x)), then + mlp(norm(.)). fused (CPU): our one-pass ops, the residual updated in place."""
@@ -91,22 +113,28 @@ class DecoderLayer(nn.Module):
 class Backbone(nn.Module):
     """The HF `model.` prefix: embeddings, layers, final norm."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp=None):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        if tp is None:
+            self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        else:
+            self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, tp) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class CausalLM(nn.Module):
     """forward(input_ids [T], positions [T], meta) -> hidden [T, hidden]; compute_logits -> float32 [N, vocab]."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp=None):
         super().__init__()
         self.config = cfg
-        self.model = Backbone(cfg)
+        self.model = Backbone(cfg, tp)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_type, cfg.rope_scaling)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if tp is None:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        else:
+            self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp)
         self.tie_weights()
         self.attn_backend = None  # set by the model runner; one object serves every layer
 

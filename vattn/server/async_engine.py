@@ -104,7 +104,8 @@ class AsyncEngine:
         self._last_stats = 0.0
         self.stats: EngineStats = engine.stats()
         self.metrics.set_stats(self.stats)
-        self.dead: BaseException | None = None  # set if the engine thread itself crashed
+        self.dead: BaseException | None = None  # set if the engine thread itself crashed, or the engine is lost
+        self.on_fatal = None  # called (engine thread) with an error that ends the engine, e.g. a dead TP worker
 
     # -- called from the event loop (any thread) -----------------------------------------------------
     def start(self) -> None:
@@ -179,7 +180,7 @@ class AsyncEngine:
     # -- the engine thread ----------------------------------------------------------------------------
     def _run(self) -> None:
         try:
-            while not self._stopping:
+            while not self._stopping and self.dead is None:
                 self._wake.clear()
                 if self._drain():
                     self._publish_stats(force=True)  # adds and aborts show in /metrics at once
@@ -250,6 +251,11 @@ class AsyncEngine:
                     f"the engine failed while running this request ({type(exc).__name__}); see the server log")))
                 self.metrics.request_errors.inc()
             self._live.clear()
+            if getattr(exc, "fatal", False):  # the engine cannot go on (a tensor-parallel worker died): stop
+                self.dead, self.accepting = exc, False
+                log.error("the engine cannot continue: %s", exc)
+                if self.on_fatal is not None:
+                    self.on_fatal(exc)
             return
         now = time.time()
         if outputs:
