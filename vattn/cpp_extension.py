@@ -54,7 +54,9 @@ class CppExtension:
         return ["-O3", "-fopenmp", *self.extra_flags, *arch]
 
     def module_name(self) -> str:
-        key = hashlib.sha1(self.source.read_bytes() + " ".join(self.flags()).encode()).hexdigest()[:12]
+        # the source's path too: the build files name it, so two checkouts must not share (and rebuild) one folder
+        key = hashlib.sha1(self.source.read_bytes() + " ".join([str(self.source.resolve()), *self.flags()]).encode())
+        key = key.hexdigest()[:12]
         cap = torch.backends.cpu.get_cpu_capability()
         tag = f"py{sys.version_info[0]}{sys.version_info[1]}_torch{torch.__version__}_{cap}"
         return re.sub(r"\W", "_", f"{self.name}_{tag}_{key}").lower()
