@@ -53,6 +53,10 @@ RUNS: dict[str, list[str]] = {
     "memory_sharegpt": ["memory", "--model", "llama-4l-h128", "--workload", "sharegpt", "--scale", "0.25",
                         "--num-requests", "48", "--page-sizes", "4K,64K", "--kv-layouts", "per_layer,interleaved",
                         "--kv-memory", "2M", "--max-num-seqs", "32", "--widths", "2,4,6"],
+    # tensor parallelism on this machine: what splitting a small model over 2 processes (gloo) costs
+    "throughput_tp_llama-8l-h512": ["throughput", "--model", "llama-8l-h512", "--engines", "vattention,paged",
+                                    "--tensor-parallel-size", "1,2", "--workload", "fixed", "--input-len", "128",
+                                    "--output-len", "64", "--num-requests", "64", "--max-num-seqs", "64", *KV],
     "kernels": ["kernels"],
     "roofline": ["roofline", "--model", "llama-8l-h512", "--batch", "1,16,64", "--context", "256"],
     "allocator": ["allocator", "--backend", "host", "--sizes", "4K,64K,2M"],
@@ -137,6 +141,13 @@ def throughput_section() -> list[str]:
     lines.append("")
     lines += same_config(found)
     lines += losses(found)
+    tp = load("throughput_tp_llama-8l-h512")
+    if tp:
+        lines += ["", "Tensor parallelism (`--tensor-parallel-size 1,2`, 64 requests of 128 + 64 tokens, 8-layer model, "
+                  "gloo on this machine's 2 cores), output tokens/s: " + ", ".join(
+                      f"{r['engine']} {fmt(r.get('output_tokens_per_s'))} ({r['output_ratio']:.2f}x)"
+                      for r in tp["results"] if r.get("output_ratio")) +
+                  f". {label(tp)} [table]({link('throughput_tp_llama-8l-h512', 'md')}); {token_sentence(tp)}"]
     sg = load("throughput_sharegpt_llama-4l-h128")
     if sg:
         lines += ["", "ShareGPT-like variable lengths (x0.5, 128 requests, 4-layer model), output tokens/s: " + ", ".join(
