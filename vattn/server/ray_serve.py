@@ -24,6 +24,8 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+import ray
+from packaging.version import Version
 from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
@@ -32,6 +34,11 @@ from vattn.config import EngineConfig
 from vattn.server.config import ServerConfig
 
 log = logging.getLogger("vattn.server")
+
+MIN_RAY = "2.60"  # serve.ingress() with `__serve_build_asgi_app__`: each replica builds its app over its engine
+if Version(ray.__version__) < Version(MIN_RAY):
+    raise ImportError(f"vattn.server.ray_serve needs ray[serve]>={MIN_RAY}, found ray {ray.__version__}: "
+                      "pip install 'vattn[ray]'")
 
 REPLICA_HEADER = "x-vattn-replica"
 DEPLOYMENT_NAME = "vattn"
