@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vattn.bench import options  # noqa: E402
 from vattn.bench.engines import RunOptions  # noqa: E402
 from vattn.bench.models import read_config, resolve_model  # noqa: E402
-from vattn.bench.report import Report, command_line  # noqa: E402
+from vattn.bench.report import Report  # noqa: E402
 from vattn.bench.serve import (  # noqa: E402
     LaunchedServer,
     build_parser,
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
     opts = RunOptions(model=model, device=device, dtype=args.dtype, kv_memory=args.kv_memory,
                       max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len or wl.max_total_len,
                       max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=args.prefix_caching)
-    report = Report("serve-ray-overhead", device, command_line(["ray_overhead", *(argv or sys.argv[1:])]),
+    report = Report("serve-ray-overhead", device, " ".join(["python scripts/ray_overhead.py", *(argv or sys.argv[1:])]),
                     options.out_path(args, device, "serve_ray_overhead"),
                     {"model": label, "workload": wl.summary(), "max_num_seqs": opts.max_num_seqs,
                      "rounds": args.rounds})

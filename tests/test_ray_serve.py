@@ -92,8 +92,9 @@ class Cluster:
         self.temp_dir = tempfile.mkdtemp(prefix="vattn-ray-", dir="/tmp")  # short: Ray puts unix sockets there
         os.environ[MARKER] = self.token  # inherited by every process Ray starts, and theirs
         try:
+            # a small object store: nothing large crosses Ray here, and CI containers have small /dev/shm
             ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=self.temp_dir,
-                     log_to_driver=False, configure_logging=False)
+                     object_store_memory=128 << 20, log_to_driver=False, configure_logging=False)
         finally:
             del os.environ[MARKER]
         self.up = True
