@@ -1,4 +1,5 @@
-"""The `vattn` command: `vattn serve` (OpenAI-compatible server), `vattn generate` (offline), `vattn bench`.
+"""The `vattn` command: `vattn serve` (OpenAI-compatible server), `vattn generate` (offline), `vattn bench`,
+`vattn serve-ray` (replicas of the server on Ray Serve; needs `vattn[ray]`).
 
 Every EngineConfig field is a flag, generated from the dataclass: `--max-num-seqs 32`, `--kv-cache paged`,
 `--no-enable-prefix-caching`; sizes in bytes take suffixes (`--kv-cache-memory 2G`, `--page-size 64K`).
@@ -13,6 +14,7 @@ import logging
 import re
 import signal
 import sys
+import time
 import types
 import typing
 
@@ -108,6 +110,20 @@ def _add_dataclass_args(group, cls: type) -> None:
         group.add_argument(flag, **kw)
 
 
+def add_replica_args(parser: argparse.ArgumentParser) -> None:
+    """The Ray Serve deployment's own options (`vattn serve-ray`, vattn.server.ray_serve.app_builder)."""
+    group = parser.add_argument_group("replicas (Ray Serve)")
+    group.add_argument("--replicas", "--num-replicas", dest="num_replicas", type=int, default=1,
+                       help="engine replicas behind Ray's router, each with its own engine (default: 1)")
+    group.add_argument("--num-cpus-per-replica", type=float, default=1.0,
+                       help="Ray CPUs reserved per replica (default: 1)")
+    group.add_argument("--num-gpus-per-replica", type=float, default=None,
+                       help="GPUs per replica (default: 1 when CUDA is available and --device is not cpu, else 0)")
+    group.add_argument("--max-ongoing-requests", type=int, default=None,
+                       help="requests in flight per replica before Ray's proxy queues more "
+                            "(default: max_num_seqs + max_waiting_requests)")
+
+
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)})
 
@@ -132,6 +148,23 @@ def build_parser() -> argparse.ArgumentParser:
                        help="logging level; info logs one line per finished request (default: info)")
     add_server_args(serve)
     add_engine_args(serve)
+
+    ray = sub.add_parser("serve-ray", help="serve N replicas of the server behind Ray Serve (needs vattn[ray])",
+                         description="Start (or join, --ray-address) a Ray cluster and serve the model from "
+                                     "--replicas engine replicas behind Ray Serve's HTTP proxy on --host:--port, "
+                                     "with the routes of `vattn serve`. Ctrl-C / SIGTERM stops it.")
+    ray.add_argument("--host", default="127.0.0.1", help="address of Ray's HTTP proxy (default: 127.0.0.1)")
+    ray.add_argument("--port", type=int, default=8000, help="port of Ray's HTTP proxy (default: 8000)")
+    ray.add_argument("--ray-address", default="local",
+                     help="Ray cluster to join ('auto': the one `ray start` began on this machine, or "
+                          "ray://host:port); default 'local': start a private one that stops with this command")
+    ray.add_argument("--served-model-name", default=None,
+                     help="model name clients must send and /v1/models lists (default: the model dir's basename)")
+    ray.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                     help="logging level of this command (default: info)")
+    add_replica_args(ray)
+    add_server_args(ray)
+    add_engine_args(ray)
 
     gen = sub.add_parser("generate", help="generate text for a prompt, offline, and print it",
                          description="Load the model, generate for each --prompt, print the text.")
@@ -198,6 +231,40 @@ def serve(args: argparse.Namespace) -> int:
     return 0 if server.started or received else 1
 
 
+def serve_ray(args: argparse.Namespace) -> int:
+    try:
+        import ray
+        from ray import serve as ray_serve
+
+        from vattn.server.ray_serve import deploy
+    except ImportError as exc:
+        raise ValueError(f"Ray Serve is not installed ({exc}): pip install 'vattn[ray]'") from exc
+
+    build_args = dict(num_replicas=args.num_replicas, served_model_name=args.served_model_name,
+                      num_cpus_per_replica=args.num_cpus_per_replica,
+                      num_gpus_per_replica=args.num_gpus_per_replica,
+                      max_ongoing_requests=args.max_ongoing_requests,
+                      **dataclasses.asdict(engine_config(args)), **dataclasses.asdict(server_config(args)))
+    # validate every option before Ray starts (a bad one is a clear error, not a replica that keeps failing)
+    from vattn.server.ray_serve import build_app
+
+    build_app(**build_args)
+    stop = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, _frame: stop.append(signum))
+    ray.init(address=args.ray_address, logging_level=args.log_level.upper())
+    try:
+        deploy(host=args.host, port=args.port, **build_args)
+        logging.getLogger("vattn.server").info("serving %d replicas on http://%s:%d (Ray Serve)",
+                                               args.num_replicas, args.host, args.port)
+        while not stop:
+            time.sleep(0.2)
+    finally:
+        ray_serve.shutdown()  # Ray's graceful shutdown: running requests get --shutdown-timeout seconds
+        ray.shutdown()
+    return 0
+
+
 def generate(args: argparse.Namespace) -> int:
     from vattn.llm import LLM
     from vattn.sampling_params import SamplingParams
@@ -225,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=getattr(args, "log_level", "info").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        if args.command == "serve-ray":
+            return serve_ray(args)
         return serve(args) if args.command == "serve" else generate(args)
     except (ValueError, FileNotFoundError) as exc:
         print(f"vattn {args.command}: error: {exc}", file=sys.stderr)

@@ -131,6 +131,10 @@ class EngineProcess:
             self._stats = self._call("stats")
         return self._stats
 
+    def is_alive(self) -> bool:
+        """Whether the engine process is running (False once closed, or if it died)."""
+        return not self._closed and self._proc.is_alive()
+
     def kv_stats(self) -> KVStats:
         return self._call("kv_stats")
 

@@ -2,6 +2,7 @@
 
     vattn bench serve --base-url http://127.0.0.1:8000 --request-rate 1,2,4,inf
     vattn bench serve --launch vattn,vllm --model llama-8l-h512 --max-concurrency 64 --num-requests 64
+    vattn bench serve --launch vattn,vattn-ray --max-concurrency 1,4,16   # Ray Serve's overhead (vattn[ray])
 
 Each request is a streamed /v1/completions call whose prompt is the workload's token ids (so every server sees the
 same prompt lengths, whatever its tokenizer), greedy, `ignore_eos`, `max_tokens` from the workload, with usage in the
@@ -10,7 +11,9 @@ requests in flight per --max-concurrency value. Per load point and server: time 
 output token after the first (TPOT), inter-token latency between streamed chunks (ITL), end-to-end latency (E2E),
 mean / median / p99 of each; request, output and total token throughput over the run; failed requests.
 `--launch` starts each server itself on a free port with the same model and sizes, waits for /health, measures,
-and stops it. `--compare-vllm-client` also runs vLLM's own load generator (vllm.benchmarks.serve, in the peer
+and stops it; `vattn-ray` is the same engine as `vattn` behind Ray Serve (`vattn serve-ray`, a private Ray
+instance, --ray-replicas replicas, the engine's torch threads pinned to --threads or this process's count, as Ray
+would otherwise give each replica one). `--compare-vllm-client` also runs vLLM's own load generator (vllm.benchmarks.serve, in the peer
 environment) on the same server and load, and records how closely the two clients agree
 (our client runs again right after vLLM's, and that run is the one compared, so both see the same warm server).
 """
@@ -41,7 +44,7 @@ from vattn.bench.models import read_config, resolve_model
 from vattn.bench.report import Report, command_line
 from vattn.bench.workloads import BenchRequest, workload_from_args
 
-SERVERS = ("vattn", "vllm")
+SERVERS = ("vattn", "vattn-ray", "vllm")
 
 
 @dataclass
@@ -228,13 +231,22 @@ class LaunchedServer:
 
 def server_command(name: str, model: str, port: int, served: str, opts: RunOptions, args) -> list[str] | str:
     """The launch command of `name`, or why it cannot be launched."""
-    if name == "vattn":
+    if name in ("vattn", "vattn-ray"):
         cmd = [sys.executable, "-m", "vattn.cli", "serve", "--model", model, "--port", str(port),
                "--served-model-name", served, "--log-level", "warning", "--device", opts.device,
                "--dtype", opts.dtype, "--kv-cache", args.kv_cache, "--kv-cache-memory", str(opts.kv_memory),
                "--max-num-seqs", str(opts.max_num_seqs), "--max-model-len", str(opts.max_model_len),
                "--max-num-batched-tokens", str(opts.max_num_batched_tokens),
                "--enable-prefix-caching" if opts.enable_prefix_caching else "--no-enable-prefix-caching"]
+        if name == "vattn-ray":
+            try:
+                import ray.serve  # noqa: F401
+            except ImportError as exc:
+                return f"Ray Serve is not installed ({exc}): pip install 'vattn[ray]'"
+            import torch
+
+            cmd[3] = "serve-ray"
+            cmd += ["--replicas", str(args.ray_replicas), "--num-threads", str(args.threads or torch.get_num_threads())]
         return cmd
     from vattn.bench.peers import missing_reason, vllm_server_command
 
@@ -327,7 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "below --model's vocabulary size, so give the served model's directory (or a preset of the "
                          "same vocabulary)")
     ap.add_argument("--launch", default=None,
-                    help="start these servers one after the other and load each: vattn, vllm (comma-separated)")
+                    help="start these servers one after the other and load each: vattn, vattn-ray (the same "
+                         "engine behind Ray Serve), vllm (comma-separated)")
+    ap.add_argument("--ray-replicas", type=int, default=1,
+                    help="replicas of the launched vattn-ray server (default: %(default)s)")
     ap.add_argument("--kv-cache", default="vattention", choices=["vattention", "paged"],
                     help="the launched vattn server's KV path (default: %(default)s)")
     ap.add_argument("--request-rate", default=None,
@@ -383,12 +398,12 @@ def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[2:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if bool(args.base_url) == bool(args.launch):
-        raise ValueError("give exactly one of --base-url URL or --launch vattn,vllm")
+        raise ValueError("give exactly one of --base-url URL or --launch vattn,vattn-ray,vllm")
     launch = [s.strip() for s in (args.launch or "").split(",") if s.strip()]
     bad = [s for s in launch if s not in SERVERS]
     if bad:
         raise ValueError(f"--launch: unknown server(s) {bad}; choose from {', '.join(SERVERS)}")
-    options.positive(args, "num_requests", "max_num_seqs")
+    options.positive(args, "num_requests", "max_num_seqs", "ray_replicas")
     loads = parse_loads(args)
     device = options.resolve_device(args.device)
     model, model_label = resolve_model(args.model, device)
