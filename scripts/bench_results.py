@@ -144,7 +144,8 @@ def throughput_section() -> list[str]:
     tp = load("throughput_tp_llama-8l-h512")
     if tp:
         lines += ["", "Tensor parallelism (`--tensor-parallel-size 1,2`, 64 requests of 128 + 64 tokens, 8-layer model, "
-                  "gloo on this machine's 2 cores), output tokens/s: " + ", ".join(
+                  "gloo on this machine's 2 cores; one torch thread per rank, so TP=2 computes on both cores where TP=1 uses "
+                  "one), output tokens/s: " + ", ".join(
                       f"{r['engine']} {fmt(r.get('output_tokens_per_s'))} ({r['output_ratio']:.2f}x)"
                       for r in tp["results"] if r.get("output_ratio")) +
                   f". {label(tp)} [table]({link('throughput_tp_llama-8l-h512', 'md')}); {token_sentence(tp)}"]

@@ -297,3 +297,27 @@ def test_num_threads_is_validated_and_applied(tiny_model):
             assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_llm_generate_takes_vllm_style_dict_prompts(tiny_model):
+    """{"prompt": ...} and {"prompt_token_ids": ...} give what a string and prompt_token_ids= give; bad dicts are
+    ValueErrors naming the problem."""
+    from vattn import LLM
+
+    llm = LLM(model=tiny_model("llama"), device="cpu", dtype="float32", kv_cache_memory=1 << 22)
+    try:
+        sp = SamplingParams(max_tokens=5, temperature=0)
+        ids = llm.tokenizer.encode("hello world")
+        want = [o.outputs[0].token_ids for o in llm.generate(["hello world"], sp, use_tqdm=False)
+                + llm.generate(prompt_token_ids=[ids], sampling_params=sp, use_tqdm=False)]
+        got = [o.outputs[0].token_ids for o in llm.generate([{"prompt": "hello world"}, {"prompt_token_ids": ids}],
+                                                             sp, use_tqdm=False)]
+        assert got == want and len(got[0]) == 5
+        assert llm.generate({"prompt_token_ids": ids}, sp, use_tqdm=False)[0].outputs[0].token_ids == want[1]
+        for bad, match in (({"prompt": "a", "prompt_token_ids": [1]}, "exactly one"), ({"text": "a"}, "exactly one"),
+                           ({"prompt_token_ids": "abc"}, "list of ints"), ({"prompt": 3}, "must be a string"),
+                           (3, "string or a dict")):
+            with pytest.raises(ValueError, match=match):
+                llm.generate([bad], sp, use_tqdm=False)
+    finally:
+        llm.close()

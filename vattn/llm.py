@@ -35,12 +35,15 @@ class LLM:
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  prompt_token_ids: Sequence[Sequence[int]] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
-        """Run every prompt to completion with continuous batching; outputs come back in prompt order."""
+        """Run every prompt to completion with continuous batching; outputs come back in prompt order.
+
+        A prompt is a string, or (as in vLLM) a dict {"prompt": str} or {"prompt_token_ids": [int, ...]}.
+        """
         if (prompts is None) == (prompt_token_ids is None):
             raise ValueError("give exactly one of prompts or prompt_token_ids")
-        if isinstance(prompts, str):
+        if isinstance(prompts, (str, dict)):
             prompts = [prompts]
-        items = [(p, None) for p in prompts] if prompts is not None else [(None, list(t)) for t in prompt_token_ids]
+        items = [_prompt_item(p) for p in prompts] if prompts is not None else [(None, list(t)) for t in prompt_token_ids]
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             params = [sampling_params or SamplingParams()] * len(items)
         else:
@@ -103,3 +106,22 @@ class LLM:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _prompt_item(p) -> tuple[str | None, list[int] | None]:
+    """A prompt as (text, None) or (None, token ids): a string, {"prompt": str} or {"prompt_token_ids": [...]}."""
+    if isinstance(p, str):
+        return p, None
+    if isinstance(p, dict):
+        keys = set(p) & {"prompt", "prompt_token_ids"}
+        if len(keys) != 1 or set(p) - {"prompt", "prompt_token_ids"}:
+            raise ValueError(f"a dict prompt takes exactly one of 'prompt' or 'prompt_token_ids', got keys {sorted(p)}")
+        if "prompt" in p:
+            if not isinstance(p["prompt"], str):
+                raise ValueError(f"'prompt' must be a string, got {type(p['prompt']).__name__}")
+            return p["prompt"], None
+        ids = p["prompt_token_ids"]
+        if isinstance(ids, (str, bytes)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise ValueError("'prompt_token_ids' must be a list of ints")
+        return None, list(ids)
+    raise ValueError(f"a prompt must be a string or a dict, got {type(p).__name__}")
