@@ -53,10 +53,6 @@ def build_error() -> str | None:
     return EXTENSION.error
 
 
-def _ext_or_raise():
-    return EXTENSION.require()
-
-
 def contiguous_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
                          context_lens: torch.Tensor, cu_query_lens: torch.Tensor, scale: float,
                          out: torch.Tensor | None = None, k_new: torch.Tensor | None = None,
@@ -67,7 +63,7 @@ def contiguous_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     first written at cache[slots[b], ctx_b - qlen_b + j]. Returns out [T, H, D] (allocated when None).
     """
     out = torch.empty_like(q) if out is None else out
-    _ext_or_raise().attention(out, q, k_cache, v_cache, slots, context_lens, cu_query_lens, 0, float(scale),
+    EXTENSION.require().attention(out, q, k_cache, v_cache, slots, context_lens, cu_query_lens, 0, float(scale),
                               k_new, v_new)
     return out
 
@@ -82,7 +78,7 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
     tokens are first written through the table at positions ctx_b - qlen_b + j.
     """
     out = torch.empty_like(q) if out is None else out
-    _ext_or_raise().attention(out, q, k_pool, v_pool, block_tables, context_lens, cu_query_lens, k_pool.shape[1],
+    EXTENSION.require().attention(out, q, k_pool, v_pool, block_tables, context_lens, cu_query_lens, k_pool.shape[1],
                               float(scale), k_new, v_new)
     return out
 
