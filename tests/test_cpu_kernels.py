@@ -117,6 +117,9 @@ CASES = [  # (query heads, kv heads, head_dim, block_size, query lens, context l
     (4, 1, 32, 16, [70], [150]),  # one long chunk after a cached prefix: tiles of different key ranges
     # a decode batch large enough that each sequence is one item over all its kv heads, beside a prefill
     (8, 4, 32, 8, [1] * 11 + [9], [3, 64, 65, 1, 130, 17, 5, 90, 33, 128, 2, 9]),
+    # decode rows of groups larger than the decode path holds in registers at once (3 at head_dim 128, 5 at 64)
+    (6, 2, 128, 16, [1, 1, 1, 2], [1, 16, 17, 50]),
+    (10, 2, 64, 8, [1, 1, 1], [33, 7, 64]),
 ]
 TOL = {torch.float32: dict(atol=2e-5, rtol=1e-4), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 

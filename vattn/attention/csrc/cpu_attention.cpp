@@ -33,6 +33,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__) || defined(__AVX512F__)
@@ -251,6 +252,162 @@ struct Item {
   int64_t b, kv_head, num_kv, t0, t1, cost;
 };
 
+#if defined(__AVX512F__)
+// The decode path (one query row per kv head and query head: decode tokens, 1-row tiles), float32, D = 16 * DV.
+// Per kv head: every score of its G query heads first, sixteen keys at a time, then an exact softmax over the whole
+// context, then the values with the G accumulators held in registers. Each key and value row is read once.
+
+// Lane c of the result = the sum of the lanes of a[KEY_LANE[c]]: four levels of adds over shuffled pairs (45
+// operations for sixteen dot products, where sixteen horizontal sums take about three times that). The tree leaves
+// lane 4k + m holding a[4m + k], so dot products are stored at that slot (key c at a[KEY_SLOT[c]]) to come out in order.
+constexpr int KEY_SLOT[16] = {0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15};
+
+inline __m512 sum16(const __m512* a) {
+  __m512 r[8], s[4], t[2];
+  for (int i = 0; i < 8; ++i) {  // 256-bit halves: r[i] = a[2i]'s 8 partial sums | a[2i+1]'s
+    r[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x44),
+                         _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xEE));
+  }
+  for (int i = 0; i < 4; ++i) {  // 128-bit quarters: s[i] = 4 partial sums each of a[4i .. 4i+3]
+    s[i] = _mm512_add_ps(_mm512_shuffle_f32x4(r[2 * i], r[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(r[2 * i], r[2 * i + 1], 0xDD));
+  }
+  for (int i = 0; i < 2; ++i) {  // pairs within each quarter
+    t[i] = _mm512_add_ps(_mm512_shuffle_ps(s[2 * i], s[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(s[2 * i], s[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  }
+  return _mm512_add_ps(_mm512_shuffle_ps(t[0], t[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_ps(t[0], t[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// Scores of one query row (already scaled) against up to sixteen key rows: lane c = q . k[c] (0 past nb, never read).
+template <int64_t DV>
+inline __m512 scores16(const float* q, const float* const* k, int64_t nb) {
+  __m512 qv[DV], a[16];
+  for (int64_t i = 0; i < DV; ++i) qv[i] = _mm512_loadu_ps(q + 16 * i);
+  for (int c = 0; c < 16; ++c) {
+    __m512 acc = _mm512_setzero_ps();
+    if (c < nb) {
+      for (int64_t i = 0; i < DV; ++i) acc = _mm512_fmadd_ps(qv[i], _mm512_loadu_ps(k[c] + 16 * i), acc);
+    }
+    a[KEY_SLOT[c]] = acc;
+  }
+  return sum16(a);
+}
+
+// acc[r] += sum_c p[r][c] v[c] over one block of nb <= 16 value rows, for NR rows whose accumulators live in
+// memory between blocks (acc[r * D ..]) and in registers within one.
+template <int64_t DV, int64_t NR>
+inline void values_block(const float* const* v, int64_t nb, const float* p, int64_t ps, float* acc) {
+  __m512 a[NR][DV];
+  for (int64_t r = 0; r < NR; ++r) {
+    for (int64_t i = 0; i < DV; ++i) a[r][i] = _mm512_loadu_ps(acc + r * 16 * DV + 16 * i);
+  }
+  for (int64_t c = 0; c < nb; ++c) {
+    __m512 vv[DV];
+    for (int64_t i = 0; i < DV; ++i) vv[i] = _mm512_loadu_ps(v[c] + 16 * i);
+    for (int64_t r = 0; r < NR; ++r) {
+      const __m512 pr = _mm512_set1_ps(p[r * ps + c]);
+      for (int64_t i = 0; i < DV; ++i) a[r][i] = _mm512_fmadd_ps(pr, vv[i], a[r][i]);
+    }
+  }
+  for (int64_t r = 0; r < NR; ++r) {
+    for (int64_t i = 0; i < DV; ++i) _mm512_storeu_ps(acc + r * 16 * DV + 16 * i, a[r][i]);
+  }
+}
+
+// Rows of one kv head's G query heads taken together over a block of values: as many as keep them in registers.
+template <int64_t DV>
+constexpr int64_t VALUE_ROWS = DV >= 8 ? 2 : DV >= 4 ? 4 : 8;
+
+template <int64_t DV, int64_t NR = VALUE_ROWS<DV>>
+inline void values(const float* const* v, int64_t nb, const float* p, int64_t ps, float* acc, int64_t rows) {
+  if constexpr (NR > 1) {
+    if (rows < NR) return values<DV, NR - 1>(v, nb, p, ps, acc, rows);
+  }
+  values_block<DV, NR>(v, nb, p, ps, acc);
+}
+
+// The rows (pointers) of keys or values [n0, n0 + nb) of sequence b, kv head h.
+template <bool PAGED>
+inline void block_rows(const Layout& L, int64_t b, int64_t n0, int64_t nb, const float* base, int64_t row_stride,
+                       int64_t pos_stride, int64_t head_off, const float** out) {
+  for (int64_t c = 0; c < nb; ++c) {
+    int64_t row, pos;
+    L.locate<PAGED>(b, n0 + c, row, pos);
+    out[c] = base + row * row_stride + pos * pos_stride + head_off;
+  }
+}
+
+// Ask for the rows of keys or values [n0, n0 + nb) of kv heads [h0, h1).
+template <bool PAGED>
+inline void prefetch_block(const Layout& L, int64_t b, int64_t n0, int64_t nb, int64_t h0, int64_t h1,
+                           const float* base, int64_t row_stride, int64_t pos_stride, int64_t head_stride,
+                           int64_t bytes) {
+  for (int64_t c = 0; c < nb; ++c) {
+    int64_t row, pos;
+    L.locate<PAGED>(b, n0 + c, row, pos);
+    for (int64_t h = h0; h < h1; ++h) prefetch_row(base + row * row_stride + pos * pos_stride + h * head_stride, bytes);
+  }
+}
+
+// One query row per query head, seeing keys [0, n_keys) of sequence b, kv heads [h0, h1). q and out point at the
+// token's row ([H, D] with head strides q_h, o_h). Both passes walk the positions in blocks of sixteen, every kv head
+// of a block before the next block: the sequence's keys, then its values, are read as one forward stream.
+template <int64_t DV, bool PAGED>
+void decode_rows(const Layout& L, int64_t b, int64_t h0, int64_t h1, int64_t n_keys, int64_t G, const float* q,
+                 int64_t q_h, float* out, int64_t o_h, const float* kc, const float* vc, float scale,
+                 std::vector<float>& ws) {
+  constexpr int64_t D = 16 * DV, B16 = 16;
+  const int64_t np = (n_keys + 15) / 16 * 16, R = (h1 - h0) * G;  // a score row's stride; rows (kv head, g)
+  ws.resize(R * np + 2 * R * D + R);
+  float* s = ws.data();      // [R, np] scores, then probabilities
+  float* qs = s + R * np;    // [R, D] scaled queries
+  float* acc = qs + R * D;   // [R, D]
+  float* inv = acc + R * D;  // [R] 1 / each row's softmax sum
+  for (int64_t r = 0; r < R; ++r) {
+    const float* src = q + (h0 * G + r) * q_h;
+    for (int64_t d = 0; d < D; ++d) qs[r * D + d] = src[d] * scale;
+  }
+  const float* rows[B16];
+  for (int64_t n0 = 0; n0 < n_keys; n0 += B16) {
+    const int64_t nb = std::min(B16, n_keys - n0);
+    const int64_t nn = n0 + B16;  // the next block's keys, or past the end the first values
+    if (nn < n_keys) prefetch_block<PAGED>(L, b, nn, std::min(B16, n_keys - nn), h0, h1, kc, L.k_row, L.k_pos, L.k_head, 64 * DV);
+    else prefetch_block<PAGED>(L, b, 0, std::min(B16, n_keys), h0, h1, vc, L.v_row, L.v_pos, L.v_head, 64 * DV);
+    for (int64_t h = h0; h < h1; ++h) {
+      block_rows<PAGED>(L, b, n0, nb, kc, L.k_row, L.k_pos, h * L.k_head, rows);
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t r = (h - h0) * G + g;
+        const __m512 sc = scores16<DV>(qs + r * D, rows, nb);
+        _mm512_mask_storeu_ps(s + r * np + n0, static_cast<__mmask16>((1u << nb) - 1), sc);
+      }
+    }
+  }
+  for (int64_t r = 0; r < R; ++r) {
+    float* sr = s + r * np;
+    const float mx = block_max(sr, n_keys, -std::numeric_limits<float>::infinity());
+    inv[r] = 1.f / exp_sub_sum(sr, n_keys, mx);
+  }
+  std::fill(acc, acc + R * D, 0.f);
+  for (int64_t n0 = 0; n0 < n_keys; n0 += B16) {
+    const int64_t nb = std::min(B16, n_keys - n0), nn = n0 + B16;
+    if (nn < n_keys) prefetch_block<PAGED>(L, b, nn, std::min(B16, n_keys - nn), h0, h1, vc, L.v_row, L.v_pos, L.v_head, 64 * DV);
+    for (int64_t h = h0; h < h1; ++h) {
+      block_rows<PAGED>(L, b, n0, nb, vc, L.v_row, L.v_pos, h * L.v_head, rows);
+      for (int64_t g0 = 0; g0 < G; g0 += VALUE_ROWS<DV>) {
+        const int64_t r = (h - h0) * G + g0;
+        values<DV>(rows, nb, s + r * np + n0, np, acc + r * D, std::min(VALUE_ROWS<DV>, G - g0));
+      }
+    }
+  }
+  for (int64_t r = 0; r < R; ++r) {
+    float* dst = out + (h0 * G + r) * o_h;
+    for (int64_t d = 0; d < D; ++d) dst[d] = acc[r * D + d] * inv[r];
+  }
+}
+#endif
+
 template <typename T, bool PAGED>
 void write_kv(const Layout& L, T* kc, T* vc, const T* kn, const T* vn, const int32_t* cu, const int32_t* ctx,
               int64_t B, int64_t Hk, int64_t D, int64_t kn_t, int64_t kn_h, int64_t vn_t, int64_t vn_h) {
@@ -384,6 +541,33 @@ void attend(const Layout& L, const Item& it, const T* q, T* out, const T* kc, co
   }
 }
 
+// Items of one query row go to the decode path where it applies (float32, AVX-512, head_dim 16/32/64/128); false:
+// the caller runs the general one.
+template <typename T, bool PAGED>
+bool decode_item(const Layout& L, const Item& it, const T* q, T* out, const T* kc, const T* vc, const int32_t* cu,
+                 const int32_t* ctxs, int64_t G, int64_t D, int64_t q_t, int64_t q_h, int64_t o_t, int64_t o_h,
+                 float scale, std::vector<float>& ws) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    if (it.t1 - it.t0 != 1) return false;
+    const int64_t b = it.b, t = cu[b] + it.t0, n_keys = ctxs[b] - (cu[b + 1] - cu[b]) + it.t1;
+    const int64_t h0 = it.kv_head, h1 = it.kv_head + it.num_kv;
+#define VATTN_DECODE(DV)                                                                                          \
+  decode_rows<DV, PAGED>(L, b, h0, h1, n_keys, G, q + t * q_t, q_h, out + t * o_t, o_h, kc, vc, scale, ws); \
+  return true;
+    switch (D) {
+      case 16: VATTN_DECODE(1)
+      case 32: VATTN_DECODE(2)
+      case 64: VATTN_DECODE(4)
+      case 128: VATTN_DECODE(8)
+      default: return false;
+    }
+#undef VATTN_DECODE
+  }
+#endif
+  return false;
+}
+
 template <typename T, bool PAGED>
 void run(const Layout& L, const torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& kc,
          const torch::Tensor& vc, const int32_t* cu, const int32_t* ctx, int64_t B,
@@ -421,8 +605,12 @@ void run(const Layout& L, const torch::Tensor& out, const torch::Tensor& q, cons
     std::vector<float> ws;
     for (int64_t w = w0; w < w1; ++w) {
       for (int64_t i = next++; i < n; i = next++) {
-        attend<T, PAGED>(L, items[i], qp, op, kp, vp, cu, ctx, G, D, q.stride(0), q.stride(1), out.stride(0),
-                         out.stride(1), static_cast<float>(scale), ws);
+        const Item& it = items[i];
+        if (!decode_item<T, PAGED>(L, it, qp, op, kp, vp, cu, ctx, G, D, q.stride(0), q.stride(1), out.stride(0),
+                                   out.stride(1), static_cast<float>(scale), ws)) {
+          attend<T, PAGED>(L, it, qp, op, kp, vp, cu, ctx, G, D, q.stride(0), q.stride(1), out.stride(0),
+                           out.stride(1), static_cast<float>(scale), ws);
+        }
       }
     }
   });
