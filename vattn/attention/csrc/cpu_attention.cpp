@@ -126,6 +126,57 @@ inline float exp_nonpositive(float x) {
   return x < -87.f ? 0.f : p * scale;
 }
 
+#if defined(__AVX512F__)
+// The same e^x, sixteen lanes at a time (the compiler leaves the scalar one scalar: its select and bit casts defeat
+// the vectorizer).
+inline __m512 exp_nonpositive(__m512 x) {
+  const __m512 k = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+                                        _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  __m512 f = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);
+  f = _mm512_fmadd_ps(k, _mm512_set1_ps(2.12194440e-4f), f);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, f), f, _mm512_add_ps(f, _mm512_set1_ps(1.f)));
+  const __m512i e = _mm512_add_epi32(_mm512_cvttps_epi32(_mm512_max_ps(k, _mm512_set1_ps(-127.f))),
+                                     _mm512_set1_epi32(127));
+  const __m512 r = _mm512_mul_ps(p, _mm512_castsi512_ps(_mm512_slli_epi32(e, 23)));
+  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.f), _CMP_NLT_UQ), r);  // x < -87: 0
+}
+
+inline __mmask16 tail_mask(int64_t n) { return static_cast<__mmask16>((1u << n) - 1); }
+
+// max(init, x[0..n))
+inline float block_max(const float* x, int64_t n, float init) {
+  __m512 m = _mm512_set1_ps(init);
+  int64_t c = 0;
+  for (; c + 16 <= n; c += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(x + c));
+  if (c < n) m = _mm512_mask_max_ps(m, tail_mask(n - c), m, _mm512_maskz_loadu_ps(tail_mask(n - c), x + c));
+  return _mm512_reduce_max_ps(m);
+}
+
+// x[c] = e^(x[c] - mx) in place; returns their sum.
+inline float exp_sub_sum(float* x, int64_t n, float mx) {
+  const __m512 vm = _mm512_set1_ps(mx);
+  __m512 sum = _mm512_setzero_ps();
+  int64_t c = 0;
+  for (; c + 16 <= n; c += 16) {
+    const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(x + c), vm));
+    _mm512_storeu_ps(x + c, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  if (c < n) {
+    const __mmask16 t = tail_mask(n - c);
+    const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(t, x + c), vm));
+    _mm512_mask_storeu_ps(x + c, t, e);
+    sum = _mm512_mask_add_ps(sum, t, sum, e);
+  }
+  return _mm512_reduce_add_ps(sum);
+}
+#else
 // max(init, x[0..n)), lane-wise then a tree, so that it vectorizes without fast-math.
 inline float block_max(const float* x, int64_t n, float init) {
   float lane[LANES];
@@ -160,6 +211,8 @@ inline float exp_sub_sum(float* x, int64_t n, float mx) {
   }
   return lane[0];
 }
+
+#endif
 
 inline void axpy(float* y, float a, const float* x, int64_t D) {
   for (int64_t d = 0; d < D; ++d) y[d] += a * x[d];
@@ -358,7 +411,7 @@ template <int64_t DV, bool PAGED>
 void decode_rows(const Layout& L, int64_t b, int64_t h0, int64_t h1, int64_t n_keys, int64_t G, const float* q,
                  int64_t q_h, float* out, int64_t o_h, const float* kc, const float* vc, float scale,
                  std::vector<float>& ws) {
-  constexpr int64_t D = 16 * DV, B16 = 16;
+  constexpr int64_t D = 16 * DV, B16 = 16, AHEAD = 16;  // positions per block; prefetch distance
   const int64_t np = (n_keys + 15) / 16 * 16, R = (h1 - h0) * G;  // a score row's stride; rows (kv head, g)
   ws.resize(R * np + 2 * R * D + R);
   float* s = ws.data();      // [R, np] scores, then probabilities
@@ -372,9 +425,9 @@ void decode_rows(const Layout& L, int64_t b, int64_t h0, int64_t h1, int64_t n_k
   const float* rows[B16];
   for (int64_t n0 = 0; n0 < n_keys; n0 += B16) {
     const int64_t nb = std::min(B16, n_keys - n0);
-    const int64_t nn = n0 + B16;  // the next block's keys, or past the end the first values
+    const int64_t nn = n0 + AHEAD;  // the keys AHEAD positions on, or past their end the first values
     if (nn < n_keys) prefetch_block<PAGED>(L, b, nn, std::min(B16, n_keys - nn), h0, h1, kc, L.k_row, L.k_pos, L.k_head, 64 * DV);
-    else prefetch_block<PAGED>(L, b, 0, std::min(B16, n_keys), h0, h1, vc, L.v_row, L.v_pos, L.v_head, 64 * DV);
+    else if (nn - n_keys < n_keys) prefetch_block<PAGED>(L, b, nn - n_keys, std::min(B16, 2 * n_keys - nn), h0, h1, vc, L.v_row, L.v_pos, L.v_head, 64 * DV);
     for (int64_t h = h0; h < h1; ++h) {
       block_rows<PAGED>(L, b, n0, nb, kc, L.k_row, L.k_pos, h * L.k_head, rows);
       for (int64_t g = 0; g < G; ++g) {
@@ -391,7 +444,7 @@ void decode_rows(const Layout& L, int64_t b, int64_t h0, int64_t h1, int64_t n_k
   }
   std::fill(acc, acc + R * D, 0.f);
   for (int64_t n0 = 0; n0 < n_keys; n0 += B16) {
-    const int64_t nb = std::min(B16, n_keys - n0), nn = n0 + B16;
+    const int64_t nb = std::min(B16, n_keys - n0), nn = n0 + AHEAD;
     if (nn < n_keys) prefetch_block<PAGED>(L, b, nn, std::min(B16, n_keys - nn), h0, h1, vc, L.v_row, L.v_pos, L.v_head, 64 * DV);
     for (int64_t h = h0; h < h1; ++h) {
       block_rows<PAGED>(L, b, n0, nb, vc, L.v_row, L.v_pos, h * L.v_head, rows);
