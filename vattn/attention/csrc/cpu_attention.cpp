@@ -296,6 +296,21 @@ struct Layout {
       pos = n;
     }
   }
+
+  // f(c, row, pos) for keys n0 + c, c in [0, nb): one division per call where the paged layout needs one per key.
+  template <bool PAGED, typename F>
+  inline void walk(int64_t b, int64_t n0, int64_t nb, F&& f) const {
+    if (!PAGED) {
+      for (int64_t c = 0; c < nb; ++c) f(c, static_cast<int64_t>(rows[b]), n0 + c);
+      return;
+    }
+    const int32_t* table = rows + b * rows_stride;
+    int64_t blk = n0 / page, pos = n0 - blk * page;
+    for (int64_t c = 0; c < nb; ++c) {
+      f(c, static_cast<int64_t>(table[blk]), pos);
+      if (++pos == page) pos = 0, ++blk;
+    }
+  }
 };
 
 // Query tokens [t0, t1) of sequence b, kv heads [kv_head, kv_head + num_kv). A decode token takes all kv heads of its
@@ -385,11 +400,9 @@ inline void values(const float* const* v, int64_t nb, const float* p, int64_t ps
 template <bool PAGED>
 inline void block_rows(const Layout& L, int64_t b, int64_t n0, int64_t nb, const float* base, int64_t row_stride,
                        int64_t pos_stride, int64_t head_off, const float** out) {
-  for (int64_t c = 0; c < nb; ++c) {
-    int64_t row, pos;
-    L.locate<PAGED>(b, n0 + c, row, pos);
+  L.walk<PAGED>(b, n0, nb, [&](int64_t c, int64_t row, int64_t pos) {
     out[c] = base + row * row_stride + pos * pos_stride + head_off;
-  }
+  });
 }
 
 // Ask for the rows of keys or values [n0, n0 + nb) of kv heads [h0, h1).
@@ -397,11 +410,9 @@ template <bool PAGED>
 inline void prefetch_block(const Layout& L, int64_t b, int64_t n0, int64_t nb, int64_t h0, int64_t h1,
                            const float* base, int64_t row_stride, int64_t pos_stride, int64_t head_stride,
                            int64_t bytes) {
-  for (int64_t c = 0; c < nb; ++c) {
-    int64_t row, pos;
-    L.locate<PAGED>(b, n0 + c, row, pos);
+  L.walk<PAGED>(b, n0, nb, [&](int64_t, int64_t row, int64_t pos) {
     for (int64_t h = h0; h < h1; ++h) prefetch_row(base + row * row_stride + pos * pos_stride + h * head_stride, bytes);
-  }
+  });
 }
 
 // One query row per query head, seeing keys [0, n_keys) of sequence b, kv heads [h0, h1). q and out point at the
@@ -510,17 +521,14 @@ void attend(const Layout& L, const Item& it, const T* q, T* out, const T* kc, co
     // Every row sees the whole block unless the block reaches past the tile's first query (the causal corner).
     const bool all_visible = n0 + nb - 1 <= first + it.t0;
     if (tile) {
-      for (int64_t c = 0; c < KBLOCK; ++c) {
-        if (c >= nb) {
-          for (int64_t d = 0; d < D; ++d) kt[d * KBLOCK + c] = 0.f;
-          continue;
-        }
-        int64_t row, pos;
-        L.locate<PAGED>(b, n0 + c, row, pos);
+      L.walk<PAGED>(b, n0, nb, [&](int64_t c, int64_t row, int64_t pos) {
         const float* kf = as_float(kc + row * L.k_row + pos * L.k_pos + kvh * L.k_head, kbuf, D);
         for (int64_t d = 0; d < D; ++d) kt[d * KBLOCK + c] = kf[d];
         const float* vf = as_float(vc + row * L.v_row + pos * L.v_pos + kvh * L.v_head, vbuf, D);
         std::memcpy(vb + c * D, vf, D * sizeof(float));
+      });
+      for (int64_t c = nb; c < KBLOCK; ++c) {
+        for (int64_t d = 0; d < D; ++d) kt[d * KBLOCK + c] = 0.f;
       }
       for (int64_t r = 0; r < R; ++r) {
         float* sr = s + r * KBLOCK;
