@@ -118,3 +118,28 @@ def test_no_compiler_means_plain_torch_with_one_warning(tmp_path):
     r = subprocess.run([sys.executable, "-c", _NO_COMPILER], cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env=env)
     assert r.returncode == 0 and r.stdout.startswith("ok"), (r.stdout[-500:], r.stderr[-2000:])
+
+
+@pytest.mark.parametrize("vocab", [1, 15, 16, 17, 3072, 3077])
+def test_argmax_is_torchs_first_index_of_the_max(vocab):
+    g = torch.Generator().manual_seed(vocab)
+    x = torch.randn(9, vocab, generator=g)
+    x[1] = 0.5  # all tied: the first index
+    x[2, vocab // 2:] = float("inf")  # ties at the max past the vector width
+    x[3] = float("-inf")  # nothing finite: index 0
+    x[4, vocab - 1] = float("nan")  # a NaN wins, wherever it is
+    x[5, vocab // 3] = float("nan")
+    x[5, vocab - 1] = float("nan")  # the first NaN
+    x[6, -1] = 100.0  # the max in the scalar tail
+    x[7] = -0.0
+    x[7, vocab - 1] = 0.0  # -0 == +0: the first
+    assert torch.equal(cpu_layers.argmax(x), x.argmax(dim=1))
+    strided = torch.randn(vocab, 9, generator=g).t()  # a non-contiguous row axis
+    assert torch.equal(cpu_layers.argmax(strided), strided.argmax(dim=1))
+    assert torch.equal(cpu_layers.argmax(x[::2]), x[::2].argmax(dim=1))  # a row stride of two rows
+
+
+def test_argmax_leaves_other_inputs_to_torch():
+    x = torch.randn(3, 40, dtype=torch.float64)
+    assert torch.equal(cpu_layers.argmax(x), x.argmax(dim=1))
+    assert cpu_layers.argmax(torch.empty(0, 7)).shape == (0,)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from vattn.models import cpu_layers
 from vattn.sampling_params import SamplingParams
 
 _TINY = torch.finfo(torch.float32).tiny  # keeps q > 0 so probs / q never divides by zero
@@ -153,7 +154,7 @@ def sample_exponential_race(probs: Tensor, generators: Sequence[torch.Generator 
         if g is not None:
             u[i] = torch.rand(vocab, dtype=probs.dtype, device=probs.device, generator=g)
     q = u.log_().neg_().clamp_min_(_TINY)  # u = 0 gives q = inf: that token cannot win
-    return (probs / q).argmax(dim=1)
+    return cpu_layers.argmax(probs / q)
 
 
 # ---- the sampler ----
@@ -174,11 +175,11 @@ class Sampler:
 
         greedy = [i for i, r in enumerate(rows) if r.params.greedy]
         if len(greedy) == len(rows):  # an all-greedy batch: no row indexing, no copy
-            return self._results(logits, x.argmax(dim=1), rows)
+            return self._results(logits, cpu_layers.argmax(x), rows)
         tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
         sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
         if greedy:
-            tokens[greedy] = x[greedy].argmax(dim=1)
+            tokens[greedy] = cpu_layers.argmax(x[greedy])
         if sampled:
             probs = self.filtered_probs(x[sampled], [rows[i].params for i in sampled])
             tokens[sampled] = sample_exponential_race(probs, [rows[i].generator for i in sampled])

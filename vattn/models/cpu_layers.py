@@ -1,4 +1,5 @@
-"""Fused CPU layer ops (csrc/cpu_layers.cpp): RMSNorm, residual add + RMSNorm, in-place rotary embedding.
+"""Fused CPU layer ops (csrc/cpu_layers.cpp): RMSNorm, residual add + RMSNorm, in-place rotary embedding, and the
+greedy sampler's row argmax.
 
 Each replaces several plain-torch ops (and their temporaries) with one pass over memory; the decoder uses them on
 CPU when the extension builds, and the plain-torch expressions otherwise (`available()` says which). Both compute the
@@ -41,3 +42,15 @@ def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     """In place on x [T, heads, D] (any token/head strides): x * cos + rotate_half(x) * sin; cos/sin [T, D]."""
     EXTENSION.require().rope(x, cos, sin)
     return x
+
+
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """torch.argmax(x, dim=1) for a CPU [rows, V] tensor: our vector kernel for float32 when built, else torch's."""
+    if x.dim() != 2 or x.shape[1] == 0 or x.dtype != torch.float32 or x.device.type != "cpu" or not available():
+        return x.argmax(dim=1)
+    if x.shape[1] == 1:  # one column (its stride may be anything): index 0, NaN or not
+        return torch.zeros(x.shape[0], dtype=torch.long)
+    x = x if x.stride(1) == 1 else x.contiguous()
+    out = torch.empty(x.shape[0], dtype=torch.long)
+    EXTENSION.require().argmax(out, x)
+    return out
