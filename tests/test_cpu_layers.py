@@ -143,3 +143,21 @@ def test_argmax_leaves_other_inputs_to_torch():
     x = torch.randn(3, 40, dtype=torch.float64)
     assert torch.equal(cpu_layers.argmax(x), x.argmax(dim=1))
     assert cpu_layers.argmax(torch.empty(0, 7)).shape == (0,)
+
+
+@pytest.mark.parametrize("inter", [1, 15, 16, 40, 1536])
+def test_silu_mul_matches_torch(inter):
+    g = torch.Generator().manual_seed(inter)
+    x = torch.randn(19, 2 * inter, generator=g) * 4
+    x[0, 0], x[1, 0] = 120.0, -120.0  # past where e^-x saturates both ways
+    x[2, 0] = float("nan")
+    want = torch.nn.functional.silu(x[:, :inter]) * x[:, inter:]
+    got = cpu_layers.silu_mul(x)
+    assert got.shape == want.shape and got.is_contiguous()
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6, equal_nan=True)
+    wide = torch.randn(5, 2 * inter + 3, generator=g)[:, : 2 * inter]  # a row stride wider than the row
+    torch.testing.assert_close(cpu_layers.silu_mul(wide),
+                               torch.nn.functional.silu(wide[:, :inter]) * wide[:, inter:], atol=1e-6, rtol=1e-6)
+    half = x.to(torch.bfloat16)  # other dtypes: torch's own ops
+    torch.testing.assert_close(cpu_layers.silu_mul(half), torch.nn.functional.silu(half[:, :inter]) * half[:, inter:],
+                               atol=0, rtol=0, equal_nan=True)

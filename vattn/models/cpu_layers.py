@@ -44,6 +44,16 @@ def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return x
 
 
+def silu_mul(x: torch.Tensor) -> torch.Tensor:
+    """silu(x[:, :I]) * x[:, I:] for x [T, 2I]: one fused pass for float32, torch's two ops otherwise."""
+    gate, up = x.chunk(2, dim=-1)
+    if x.dtype != torch.float32 or x.dim() != 2 or x.stride(1) != 1:
+        return torch.nn.functional.silu(gate) * up
+    out = torch.empty_like(gate, memory_format=torch.contiguous_format)
+    EXTENSION.require().silu_mul(out, x)
+    return out
+
+
 def argmax(x: torch.Tensor) -> torch.Tensor:
     """torch.argmax(x, dim=1) for a CPU [rows, V] tensor: our vector kernel for float32 when built, else torch's."""
     if x.dim() != 2 or x.shape[1] == 0 or x.dtype != torch.float32 or x.device.type != "cpu" or not available():

@@ -86,8 +86,11 @@ class MLP(nn.Module):
             self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, gate_up_parts(cfg, tp), bias=False)
             self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, False, tp)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        h = self.gate_up_proj(x)
+        if fused:
+            return self.down_proj(cpu_layers.silu_mul(h))
+        gate, up = h.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -107,7 +110,7 @@ class DecoderLayer(nn.Module):
         h = self.self_attn(self.input_layernorm(x, fused), cos, sin, meta, backend, fused)
         norm = self.post_attention_layernorm
         cpu_layers.add_rms_norm(h, x, norm.weight, norm.eps)  # x += h; h = norm(x)
-        return x.add_(self.mlp(h))
+        return x.add_(self.mlp(h, fused))
 
 
 class Backbone(nn.Module):
