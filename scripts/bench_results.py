@@ -37,11 +37,13 @@ FIXED = ["--workload", "fixed", "--input-len", "128", "--output-len", "128", "--
 # name -> the `vattn bench` arguments (its JSON lands at benchmarks/results/cpu/<name>.json)
 RUNS: dict[str, list[str]] = {
     # the harness issue's table: 128 requests of 128 + 128 tokens, greedy, ignore_eos, every engine
-    "throughput_fixed_llama-4l-h128": ["throughput", "--model", "llama-4l-h128", *FIXED],
-    "throughput_fixed_llama-8l-h512": ["throughput", "--model", "llama-8l-h512", *FIXED],
+    # (the median of round-robin repeats: this shared machine's speed drifts by 10-20% within minutes)
+    "throughput_fixed_llama-4l-h128": ["throughput", "--model", "llama-4l-h128", *FIXED, "--repeats", "3"],
+    "throughput_fixed_llama-8l-h512": ["throughput", "--model", "llama-8l-h512", *FIXED, "--repeats", "2"],
     # variable lengths: where continuous batching should beat static batches
     "throughput_sharegpt_llama-4l-h128": ["throughput", "--model", "llama-4l-h128", "--workload", "sharegpt",
-                                          "--scale", "0.5", "--num-requests", "128", "--max-num-seqs", "128", *KV],
+                                          "--scale", "0.5", "--num-requests", "128", "--max-num-seqs", "128", *KV,
+                                          "--repeats", "3"],
     # online: 64 streams at once against each server, and vLLM's own client on the same servers
     "serve_fixed_llama-8l-h512": ["serve", "--launch", "vattn,vllm", "--model", "llama-8l-h512", "--workload",
                                   "fixed", "--input-len", "128", "--output-len", "128", "--num-requests", "64",
