@@ -42,7 +42,7 @@
 
 namespace {
 
-constexpr int64_t QTILE = 16;   // query tokens per work item
+constexpr int64_t QTILE = 32;   // query tokens per work item
 constexpr int64_t KBLOCK = 64;  // keys per online-softmax block
 constexpr int64_t PREFETCH = 8;  // keys ahead: a head's key row is a few cache lines at a stride of all kv heads,
                                  // which the hardware prefetchers follow poorly; without this decode waits on memory
