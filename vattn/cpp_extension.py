@@ -1,8 +1,9 @@
 """Our C++ CPU kernels, each one source file compiled with torch.utils.cpp_extension the first time it is needed.
+Headers they share live in vattn/csrc/ (on every extension's include path).
 
-Needs a C++ compiler and ninja (a dependency). The build lands in a cache directory keyed by the source, the flags,
-Python, torch and the CPU's vector capability: $VATTN_KERNEL_CACHE, else ~/.cache/vattn/kernels. When a build fails,
-`load()` returns None after one warning that says why, and the caller falls back to plain torch.
+Needs a C++ compiler and ninja (a dependency). The build lands in a cache directory keyed by the source, the shared
+headers, the flags, Python, torch and the CPU's vector capability: $VATTN_KERNEL_CACHE, else ~/.cache/vattn/kernels.
+When a build fails, `load()` returns None after one warning that says why, and the caller falls back to plain torch.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import warnings
 from pathlib import Path
 
 import torch
+
+COMMON_HEADERS = Path(__file__).parent / "csrc"  # headers shared by the extensions (vec_exp.h)
 
 _ARCH_FLAGS = {  # by torch's own view of the CPU, so the build runs wherever torch's vector kernels run
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"],
@@ -55,7 +58,9 @@ class CppExtension:
 
     def module_name(self) -> str:
         # the source's path too: the build files name it, so two checkouts must not share (and rebuild) one folder
-        key = hashlib.sha1(self.source.read_bytes() + " ".join([str(self.source.resolve()), *self.flags()]).encode())
+        headers = b"".join(h.read_bytes() for h in sorted(COMMON_HEADERS.glob("*.h")))
+        key = hashlib.sha1(self.source.read_bytes() + headers +
+                           " ".join([str(self.source.resolve()), *self.flags()]).encode())
         key = key.hexdigest()[:12]
         cap = torch.backends.cpu.get_cpu_capability()
         tag = f"py{sys.version_info[0]}{sys.version_info[1]}_torch{torch.__version__}_{cap}"
@@ -77,7 +82,7 @@ class CppExtension:
                 build_dir = self.build_directory()
                 build_dir.mkdir(parents=True, exist_ok=True)
                 self._ext = cpp_load(name=self.module_name(), sources=[str(self.source)], extra_cflags=self.flags(),
-                                     build_directory=str(build_dir), verbose=verbose)
+                                     extra_include_paths=[str(COMMON_HEADERS)], build_directory=str(build_dir), verbose=verbose)
             except Exception as e:  # no compiler, no ninja, a compile error: fall back, loudly, once
                 self.error = f"{type(e).__name__}: {str(e).strip()[-2000:]}"
                 warnings.warn(f"vattn: the {self.what} could not be built, falling back to {self.fallback} (slower). "

@@ -8,8 +8,8 @@ writes the step's K/V first (the fused write). The two twins differ only in wher
     paged       row = block_tables[b, n // P],  position n % P        (pools [num_blocks, P, Hk, D])
 
 The extension is compiled with torch.utils.cpp_extension.load the first time it is needed (needs a C++ compiler and
-ninja, a dependency) into a cache directory keyed by the source, the flags, Python, torch and the CPU's vector capability:
-$VATTN_KERNEL_CACHE, else ~/.cache/vattn/kernels. Build it ahead with
+ninja, a dependency) into a cache directory keyed by the source (and the shared vattn/csrc/ headers), the flags,
+Python, torch and the CPU's vector capability: $VATTN_KERNEL_CACHE, else ~/.cache/vattn/kernels. Build it ahead with
 
     python -m vattn.attention.cpu_kernels --build
 

@@ -40,6 +40,8 @@
 #include <immintrin.h>
 #endif
 
+#include "vec_exp.h"  // vattn/csrc/: e^x, 16 lanes
+
 namespace {
 
 constexpr int64_t QTILE = 32;   // query tokens per work item
@@ -127,24 +129,10 @@ inline float exp_nonpositive(float x) {
 }
 
 #if defined(__AVX512F__)
-// The same e^x, sixteen lanes at a time (the compiler leaves the scalar one scalar: its select and bit casts defeat
+// The same e^x, sixteen lanes at a time (vec_exp.h; the scalar one stays scalar: its select and bit casts defeat
 // the vectorizer).
 inline __m512 exp_nonpositive(__m512 x) {
-  const __m512 k = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
-                                        _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  __m512 f = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);
-  f = _mm512_fmadd_ps(k, _mm512_set1_ps(2.12194440e-4f), f);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(_mm512_mul_ps(p, f), f, _mm512_add_ps(f, _mm512_set1_ps(1.f)));
-  const __m512i e = _mm512_add_epi32(_mm512_cvttps_epi32(_mm512_max_ps(k, _mm512_set1_ps(-127.f))),
-                                     _mm512_set1_epi32(127));
-  const __m512 r = _mm512_mul_ps(p, _mm512_castsi512_ps(_mm512_slli_epi32(e, 23)));
-  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.f), _CMP_NLT_UQ), r);  // x < -87: 0
+  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.f), _CMP_NLT_UQ), vattn::exp16(x));  // x < -87: 0
 }
 
 inline __mmask16 tail_mask(int64_t n) { return static_cast<__mmask16>((1u << n) - 1); }

@@ -19,11 +19,9 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
-
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
 #include <vector>
+
+#include "vec_exp.h"  // vattn/csrc/: e^x, 16 lanes (also immintrin.h)
 
 namespace {
 
@@ -125,24 +123,10 @@ void rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
 }
 
 #if defined(__AVX512F__)
-// e^x for any float32 x, sixteen lanes: x clamped to [-87.3, 88] (the results there are 0-ish and 1.6e38, which the
-// sigmoid below turns into 1 and 0 as the exact ones would), x = k ln2 + f, Cephes' degree-6 polynomial, 2^k from
-// the exponent bits; about 1 ulp.
+// e^x for any float32 x: clamped to [-87.3, 88] first (the results there are 0-ish and 1.6e38, which the sigmoid
+// below turns into 1 and 0 as the exact ones would).
 inline __m512 exp16(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.f));
-  const __m512 k = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
-                                        _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  __m512 f = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);
-  f = _mm512_fmadd_ps(k, _mm512_set1_ps(2.12194440e-4f), f);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(_mm512_mul_ps(p, f), f, _mm512_add_ps(f, _mm512_set1_ps(1.f)));
-  const __m512i e = _mm512_add_epi32(_mm512_cvttps_epi32(k), _mm512_set1_epi32(127));
-  return _mm512_mul_ps(p, _mm512_castsi512_ps(_mm512_slli_epi32(e, 23)));
+  return vattn::exp16(_mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.f)));
 }
 
 // silu(g) * u = g * u / (1 + e^-g), NaN in, NaN out.
