@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from vattn.models import ModelConfig, build_model
+from vattn.models import ModelConfig, build_model, packed_gemm
 
 # HF name fragment -> (our fused module, shard index); shards are laid out in this order.
 FUSED = {
@@ -175,6 +175,7 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device | str,
     model.rotary.reset(device)
     load_weights(model, files)
     model.eval().requires_grad_(False)
+    packed_gemm.pack_model(model)  # CPU float32: each linear layer's weight packed once for MKL's GEMM
     spec = ModelSpec(
         num_layers=cfg.num_layers,
         num_heads=cfg.num_heads,

@@ -6,7 +6,8 @@ Module names follow the HF checkpoints except for two fusions: q/k/v -> qkv_proj
 
 Tensor parallelism: given a `tp` group (vattn.distributed.TPGroup) of N > 1 ranks, each rank builds its shard
 (vattn.models.parallel: its heads and MLP columns, row-parallel o_proj/down_proj with an all-reduce, vocabulary-
-parallel embedding and LM head). With tp=None the layers are plain nn.Linear / nn.Embedding.
+parallel embedding and LM head). With tp=None the layers are nn.Embedding and
+packed_gemm.Linear (nn.Linear that multiplies by a packed copy of its weight on CPU float32).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vattn.models import cpu_layers
+from vattn.models import cpu_layers, packed_gemm
 from vattn.models.config import ModelConfig
 from vattn.models.parallel import (
     ColumnParallelLinear,
@@ -52,8 +53,8 @@ class Attention(nn.Module):
         q_size, kv_size = self.num_heads * cfg.head_dim, self.num_kv_heads * cfg.head_dim
         self.split = (q_size, kv_size, kv_size)
         if tp is None:
-            self.qkv_proj = nn.Linear(cfg.hidden_size, q_size + 2 * kv_size, bias=cfg.qkv_bias)
-            self.o_proj = nn.Linear(q_size, cfg.hidden_size, bias=cfg.o_bias)
+            self.qkv_proj = packed_gemm.Linear(cfg.hidden_size, q_size + 2 * kv_size, bias=cfg.qkv_bias)
+            self.o_proj = packed_gemm.Linear(q_size, cfg.hidden_size, bias=cfg.o_bias)
         else:
             self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, qkv_parts(cfg, tp), bias=cfg.qkv_bias)
             self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, cfg.o_bias, tp)
@@ -80,8 +81,8 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, tp=None):
         super().__init__()
         if tp is None:
-            self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-            self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+            self.gate_up_proj = packed_gemm.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+            self.down_proj = packed_gemm.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         else:
             self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, gate_up_parts(cfg, tp), bias=False)
             self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, False, tp)
@@ -135,7 +136,7 @@ class CausalLM(nn.Module):
         self.model = Backbone(cfg, tp)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_type, cfg.rope_scaling)
         if tp is None:
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            self.lm_head = packed_gemm.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         else:
             self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp)
         self.tie_weights()

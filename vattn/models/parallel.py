@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vattn.models import packed_gemm
 from vattn.models.config import ModelConfig
 
 
@@ -73,8 +74,10 @@ class ColumnParallelLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out, in_features))
         self.bias = nn.Parameter(torch.empty(out)) if bias else None
 
+    packed: torch.Tensor | None = None  # set by packed_gemm.pack_model on CPU float32
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return packed_gemm.linear(x, self.weight, self.bias, self.packed)
 
     def load_shard(self, attr: str, part: int, source) -> None:
         full, first, rows = self.parts[part]
@@ -93,8 +96,10 @@ class RowParallelLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, self.local_in))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
+    packed: torch.Tensor | None = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.tp.all_reduce(F.linear(x, self.weight))
+        y = self.tp.all_reduce(packed_gemm.linear(x, self.weight, None, self.packed))
         return y + self.bias if self.bias is not None else y
 
     def load_shard(self, attr: str, part: int, source) -> None:
@@ -133,8 +138,11 @@ class VocabParallelEmbedding(_VocabShard):
 
 
 class ParallelLMHead(_VocabShard):
+    packed: torch.Tensor | None = None
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_gather_last(F.linear(hidden, self.weight))[..., :self.vocab_size]
+        logits = packed_gemm.linear(hidden, self.weight, None, self.packed)
+        return self.tp.all_gather_last(logits)[..., :self.vocab_size]
 
 
 def qkv_parts(cfg: ModelConfig, tp) -> list[tuple[int, int, int]]:

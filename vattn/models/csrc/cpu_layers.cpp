@@ -9,6 +9,8 @@
 //                                       and head strides (the q/k views of a fused qkv output), cos/sin [T, D]
 //   silu_mul(out, x)                    out = silu(x[:, :I]) * x[:, I:] for float32 x [T, 2I] (vector exp: e^x to ~1 ulp)
 //   argmax(out, x)                      out[r] = torch.argmax(x[r]) for float32 x [rows, V] (the greedy sampler's)
+//   pack_weight(w) -> packed            a float32 weight [N, K] in MKL's packed GEMM layout (bytes)
+//   packed_linear(out, x, packed, bias) out = x @ w.T (+ bias) against that packed weight, for any number of rows
 //
 // Rows are split over torch's intra-op threads. Inputs may be float32, bfloat16 or float16.
 
@@ -219,6 +221,70 @@ void argmax(torch::Tensor out, torch::Tensor x) {
   });
 }
 
+// MKL's packed GEMM: the weight's panels laid out once for the GEMM kernel instead of on every call, which is what
+// a plain sgemm spends a sizeable share of its time on when the activation has few rows (a decode batch). The
+// routines live in the MKL that torch's x86 CPU build links in; declared weak, they resolve to null on a torch
+// without them, and packed_gemm_available() says so. LP64 interface (MKL_INT is int); CBLAS enum values.
+extern "C" {
+size_t cblas_sgemm_pack_get_size(int identifier, int m, int n, int k) __attribute__((weak));
+void cblas_sgemm_pack(int layout, int identifier, int trans, int m, int n, int k, float alpha, const float* src,
+                      int ld, float* dest) __attribute__((weak));
+void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k, const float* a, int lda,
+                         const float* b, int ldb, float beta, float* c, int ldc) __attribute__((weak));
+}
+constexpr int ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112, PACKED = 151, B_MATRIX = 162;
+constexpr int64_t PACK_ROWS_HINT = 128;  // m for pack_get_size / pack: the layout does not depend on it
+
+bool packed_gemm_available() {
+  return cblas_sgemm_pack_get_size != nullptr && cblas_sgemm_pack != nullptr && cblas_sgemm_compute != nullptr;
+}
+
+void check_int32(int64_t v, const char* what) {
+  TORCH_CHECK_VALUE(v <= std::numeric_limits<int>::max(), what, " (", v, ") exceeds MKL's 32-bit index");
+}
+
+torch::Tensor pack_weight(torch::Tensor w) {
+  TORCH_CHECK(packed_gemm_available(), "MKL's packed GEMM is not in this torch build");
+  TORCH_CHECK_VALUE(w.device().is_cpu() && w.scalar_type() == at::kFloat && w.dim() == 2 && w.is_contiguous(),
+                    "weight must be a contiguous float32 CPU [out, in] tensor, got ", w.scalar_type(), " ",
+                    w.sizes(), " on ", w.device());
+  const int64_t n = w.size(0), k = w.size(1);
+  check_int32(n, "out_features");
+  check_int32(k, "in_features");
+  TORCH_CHECK_VALUE(n > 0 && k > 0, "weight must not be empty, got ", w.sizes());
+  const size_t bytes = cblas_sgemm_pack_get_size(B_MATRIX, PACK_ROWS_HINT, n, k);
+  auto packed = torch::empty({static_cast<int64_t>((bytes + 3) / 4)}, w.options());  // 64-byte aligned by torch
+  // B = w.T ([K, N]) from w stored [N, K] row-major: transposed, leading dimension K
+  cblas_sgemm_pack(ROW_MAJOR, B_MATRIX, TRANS, PACK_ROWS_HINT, n, k, 1.0f, w.data_ptr<float>(), k,
+                   packed.data_ptr<float>());
+  return packed;
+}
+
+void packed_linear(torch::Tensor out, torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(packed_gemm_available(), "MKL's packed GEMM is not in this torch build");
+  check_rows(x, "x");
+  check_rows(out, "out");
+  TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat &&
+                    packed.scalar_type() == at::kFloat, "packed_linear takes float32 tensors");
+  const int64_t m = x.size(0), k = x.size(1), n = out.size(1);
+  TORCH_CHECK_VALUE(out.size(0) == m, "out has ", out.size(0), " rows, x has ", m);
+  check_int32(m, "rows");
+  check_int32(x.stride(0), "x's row stride");
+  check_int32(out.stride(0), "out's row stride");
+  TORCH_CHECK_VALUE(static_cast<size_t>(packed.numel()) * 4 >= cblas_sgemm_pack_get_size(B_MATRIX, PACK_ROWS_HINT, n, k),
+                    "packed weight is too small for [", n, ", ", k, "]: packed for another shape");
+  if (m == 0) return;
+  float beta = 0.0f;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == n && bias->scalar_type() == at::kFloat,
+                      "bias must be float32 [", n, "], got ", bias->sizes());
+    out.copy_(bias->unsqueeze(0).expand({m, n}));
+    beta = 1.0f;
+  }
+  cblas_sgemm_compute(ROW_MAJOR, NO_TRANS, PACKED, m, n, k, x.data_ptr<float>(), x.stride(0),
+                      packed.data_ptr<float>(), k, beta, out.data_ptr<float>(), out.stride(0));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -228,5 +294,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("residual"), py::arg("weight"), py::arg("eps"));
   m.def("silu_mul", &silu_mul, "out = silu(x[:, :I]) * x[:, I:] (float32)", py::arg("out"), py::arg("x"));
   m.def("argmax", &argmax, "argmax of each row (first index of the max; NaN wins)", py::arg("out"), py::arg("x"));
+  m.def("packed_gemm_available", &packed_gemm_available, "whether MKL's packed GEMM routines are linked in");
+  m.def("pack_weight", &pack_weight, "a float32 [out, in] weight in MKL's packed GEMM layout", py::arg("weight"));
+  m.def("packed_linear", &packed_linear, "out = x @ weight.T (+ bias) against a packed weight", py::arg("out"),
+        py::arg("x"), py::arg("packed"), py::arg("bias") = py::none());
   m.def("rope", &rope, "rotate-half rotary embedding, in place", py::arg("x"), py::arg("cos"), py::arg("sin"));
 }
