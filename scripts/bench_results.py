@@ -59,6 +59,12 @@ RUNS: dict[str, list[str]] = {
     "throughput_tp_llama-8l-h512": ["throughput", "--model", "llama-8l-h512", "--engines", "vattention,paged",
                                     "--tensor-parallel-size", "1,2", "--workload", "fixed", "--input-len", "128",
                                     "--output-len", "64", "--num-requests", "64", "--max-num-seqs", "64", *KV],
+    # the whole machine: every engine computing on both cores (vattn 2 torch threads; vLLM's compute threads
+    # bound to cores 0-1, its scheduler process beside them), where the runs above give each one core
+    "throughput_fixed_llama-4l-h128_2cores": ["throughput", "--model", "llama-4l-h128", *FIXED, "--engines",
+                                              "vattention,vllm", "--threads", "2", "--repeats", "3"],
+    "throughput_fixed_llama-8l-h512_2cores": ["throughput", "--model", "llama-8l-h512", *FIXED, "--engines",
+                                              "vattention,vllm", "--threads", "2", "--repeats", "2"],
     "kernels": ["kernels"],
     "roofline": ["roofline", "--model", "llama-8l-h512", "--batch", "1,16,64", "--context", "256"],
     "allocator": ["allocator", "--backend", "host", "--sizes", "4K,64K,2M"],
@@ -70,7 +76,7 @@ THREADED = ("throughput", "serve", "memory", "roofline", "kernels")  # modes wit
 
 def run(name: str, python: str, threads: int | None = None) -> tuple[int, float]:
     cmd = [python, "-m", "vattn.bench", *RUNS[name], "--json", str(OUT / f"{name}.json"), "--no-progress"]
-    if threads and RUNS[name][0] in THREADED:
+    if threads and RUNS[name][0] in THREADED and "--threads" not in RUNS[name]:  # a run's own count stays
         cmd += ["--threads", str(threads)]
     print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
     t0 = time.perf_counter()
@@ -151,6 +157,16 @@ def throughput_section() -> list[str]:
                       f"{r['engine']} {fmt(r.get('output_tokens_per_s'))} ({r['output_ratio']:.2f}x)"
                       for r in tp["results"] if r.get("output_ratio")) +
                   f". {label(tp)} [table]({link('throughput_tp_llama-8l-h512', 'md')}); {token_sentence(tp)}"]
+    whole = [(load(f"{n}_2cores"), n, title) for n, title in models]
+    whole = [w for w in whole if w[0]]
+    if whole:
+        lines += ["", "The whole machine (`--threads 2`: vattn with 2 torch threads, vLLM's compute threads bound to both "
+                  "cores with its scheduler process beside them; by default vLLM keeps one of the 2 cores for that "
+                  "process and computes on the other), same workload, output tokens/s: " + "; ".join(
+                      f"{title}: " + ", ".join(f"{r['engine']} {fmt(r.get('output_tokens_per_s'))}"
+                                               + (f" ({r['output_ratio']:.2f}x)" if r.get("output_ratio") else " (not run)")
+                                               for r in d["results"])
+                      + f" ({label(d)} [table]({link(n + '_2cores', 'md')}))" for d, n, title in whole)]
     sg = load("throughput_sharegpt_llama-4l-h128")
     if sg:
         lines += ["", "ShareGPT-like variable lengths (x0.5, 128 requests, 4-layer model), output tokens/s: " + ", ".join(

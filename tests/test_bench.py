@@ -296,3 +296,23 @@ def test_a_failed_peer_row_names_the_root_cause():
                      "vllm.v1.engine.exceptions.EngineDeadError: EngineCore encountered an issue."])
     assert root_cause(log) == "RuntimeError: Unsupported CPU attention configuration: head_dim=16"
     assert root_cause("just a line\nlast line\n") == "last line"
+
+
+def test_vllm_computes_on_as_many_cores_as_threads_say(monkeypatch):
+    """--threads N >= 2 binds vLLM's compute threads to the first N cores this process may use; 1 or unset keeps
+    vLLM's own default binding; more than the cores available is an error naming both."""
+    from vattn.bench import peers
+
+    monkeypatch.setattr(peers.os, "sched_getaffinity", lambda pid: {5, 3, 9}, raising=False)
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    assert peers.vllm_cores(None) is None and peers.vllm_cores(1) is None
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in peers.vllm_env(1 << 30, 1)
+    assert "default CPU binding" in peers.vllm_binding(1)
+    assert peers.vllm_cores(2) == [3, 5]
+    env = peers.vllm_env(1 << 30, 2)
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == "3,5" and env["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    assert "cores 3,5" in peers.vllm_binding(2)
+    with pytest.raises(ValueError, match="--threads 4 exceeds the 3 CPU cores"):
+        peers.vllm_env(1 << 30, 4)
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "9")  # the user's own binding wins
+    assert peers.vllm_env(1 << 30, 3)["VLLM_CPU_OMP_THREADS_BIND"] == "9"

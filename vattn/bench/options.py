@@ -21,8 +21,9 @@ def add_model_args(ap: argparse.ArgumentParser, default_model: str = "llama-4l-h
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto: float32 on CPU, bfloat16 on GPU")
     g.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op threads for vattn and transformers (default: every CPU; vLLM keeps its own "
-                        "default binding, recorded in its row)")
+                   help="cores each engine computes on: torch intra-op threads for vattn and transformers, and for "
+                        "N >= 2 vLLM's compute threads bound to N cores; with 1, vLLM keeps its default binding (all "
+                        "cores but one, kept for its scheduler process), recorded in its row (default: every CPU)")
 
 
 def add_workload_args(ap: argparse.ArgumentParser, default: str = "fixed", num_requests: int = 128,

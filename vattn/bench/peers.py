@@ -54,10 +54,34 @@ def missing_reason() -> str:
     return f"vLLM not installed: no vllm in {peers_venv()} (run `make peers` or `vattn bench --setup-peers`)"
 
 
+def vllm_cores(threads: int | None) -> list[int] | None:
+    """The cores vLLM's compute threads are bound to for `--threads N`: the first N this process may run on when
+    N >= 2; None (vLLM's own default binding: every core but one, which it keeps for its scheduler process) for 1
+    or unset. Raises ValueError when N exceeds the cores available."""
+    if threads is None or threads <= 1:
+        return None
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    if threads > len(cores):
+        raise ValueError(f"--threads {threads} exceeds the {len(cores)} CPU cores this process may use")
+    return cores[:threads]
+
+
+def vllm_binding(threads: int | None) -> str:
+    """How vLLM's compute threads are placed, in words (for result notes)."""
+    cores = vllm_cores(threads)
+    if cores is None:
+        return "vLLM's default CPU binding (compute threads on all but one reserved core)"
+    return f"vLLM's compute threads bound to cores {','.join(map(str, cores))} (VLLM_CPU_OMP_THREADS_BIND)"
+
+
 def vllm_env(opts_kv_memory: int, threads: int | None = None) -> dict[str, str]:
-    """vLLM's CPU settings: its KV cache space in whole GiB (at least 1), quiet logs."""
+    """vLLM's CPU settings: its KV cache space in whole GiB (at least 1), quiet logs, and with threads >= 2 its
+    compute threads bound to that many cores (unless VLLM_CPU_OMP_THREADS_BIND is already set)."""
     env = dict(os.environ)
     env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, math.ceil(opts_kv_memory / 2**30)))
+    cores = vllm_cores(threads)
+    if cores is not None:
+        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cores)))
     env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.pop("PYTHONPATH", None)  # the peer environment must not see this checkout's packages
@@ -92,7 +116,7 @@ def run_vllm_offline(spec: EngineSpec, wl: Workload, opts: RunOptions) -> Engine
         t0 = time.perf_counter()
         with open(log_path, "w") as log:  # its own session: vLLM's engine-core processes go down with it
             proc = subprocess.Popen([str(py), str(script), "--spec", str(spec_path), "--out", str(out_path)],
-                                    stdout=log, stderr=subprocess.STDOUT, env=vllm_env(opts.kv_memory), cwd=tmp,
+                                    stdout=log, stderr=subprocess.STDOUT, env=vllm_env(opts.kv_memory, opts.threads), cwd=tmp,
                                     start_new_session=True)
             try:
                 proc.wait(VLLM_TIMEOUT_S)

@@ -272,7 +272,7 @@ def server_env(name: str, opts: RunOptions, threads: int | None = None) -> dict:
     if name == "vllm":
         from vattn.bench.peers import vllm_env
 
-        return vllm_env(opts.kv_memory)
+        return vllm_env(opts.kv_memory, threads)
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
@@ -487,6 +487,10 @@ def main(argv: list[str] | None = None) -> dict:
     notes = [f"workload: {wl.describe()}", "TTFT = time to the first streamed chunk; TPOT = (E2E - TTFT) / (output "
              "tokens - 1); ITL = time between streamed chunks; throughput over the whole load point; "
              "client: httpx, streaming /v1/completions with token-id prompts"]
+    if "vllm" in launch:
+        from vattn.bench.peers import vllm_binding
+
+        notes.append(f"threads: vattn's engine {args.threads or 'torch default'}; {vllm_binding(args.threads)}")
     for a in agreements:
         if "error" in a:
             notes.append(f"vLLM's client on {a['server']} at {a['load']}: {a['error'][:200]}")

@@ -28,6 +28,7 @@ from vattn.bench.engines import (
     run_engine,
 )
 from vattn.bench.models import read_config, resolve_model
+from vattn.bench.peers import vllm_binding
 from vattn.bench.report import Report, command_line
 from vattn.bench.tokens import TokenCheck, check_tokens, near_tie_tolerance
 from vattn.bench.workloads import Workload, workload_from_args
@@ -196,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
         if "peak_mapped_bytes" in m:
             m["peak_mapped_MiB"] = m["peak_mapped_bytes"] / 2**20
         if r.spec.kind == "vllm":
-            m["note"] = "vLLM's default CPU binding (compute threads on all but one reserved core)"
+            m["note"] = vllm_binding(opts.threads)
         elif r.spec.kind == "hf":
             m["note"] = f"static batches of {m['batch_size']}"
         rows.append(m)
@@ -207,7 +208,8 @@ def main(argv: list[str] | None = None) -> dict:
     tol = f"top-2 within {near_tie_tolerance(dtype):.3g} nats ({str(dtype).removeprefix('torch.')})"
     notes = [f"workload: {wl.describe()}",
              f"KV pool {opts.kv_memory / 2**20:.0f} MiB per vattn path; max_num_seqs {opts.max_num_seqs}, "
-             f"max_model_len {opts.max_model_len}; {torch.get_num_threads()} torch threads (vattn, transformers)",
+             f"max_model_len {opts.max_model_len}; {torch.get_num_threads()} torch threads (vattn, transformers)"
+             + ("; " + vllm_binding(opts.threads) if vllm_rows else ""),
              chk.sentence(tol),
              *([f"KV budgets differ: vLLM's CPU KV space is set in whole GiB ({vllm_rows[0].metrics['vllm_kv_cache_space_gib']}"
                 f" GiB here); give --kv-memory in whole GiB for equal budgets"]
