@@ -314,5 +314,24 @@ def test_vllm_computes_on_as_many_cores_as_threads_say(monkeypatch):
     assert "cores 3,5" in peers.vllm_binding(2)
     with pytest.raises(ValueError, match="--threads 4 exceeds the 3 CPU cores"):
         peers.vllm_env(1 << 30, 4)
-    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "9")  # the user's own binding wins
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "9")  # the user's own binding wins, and the notes say so
     assert peers.vllm_env(1 << 30, 3)["VLLM_CPU_OMP_THREADS_BIND"] == "9"
+    assert "VLLM_CPU_OMP_THREADS_BIND=9" in peers.vllm_binding(3)
+
+
+@pytest.mark.parametrize("mode", ["throughput", "serve"])
+def test_more_threads_than_cores_for_vllm_is_refused_before_anything_runs(mode, tmp_path, monkeypatch):
+    def started(*a, **k):
+        raise AssertionError("an engine or server started before the arguments were checked")
+
+    monkeypatch.setattr(throughput, "run_engine", started)
+    monkeypatch.setattr(serve, "LaunchedServer", started)
+    too_many = str(len(os.sched_getaffinity(0)) + 1)
+    common = ["--model", "tiny", "--num-requests", "2", "--input-len", "8", "--output-len", "4", "--threads", too_many,
+              "--json", str(tmp_path / "out.json"), "--no-progress"]
+    with pytest.raises(ValueError, match=f"--threads {too_many} exceeds"):
+        if mode == "throughput":
+            throughput.main(["--engines", "vattention,vllm", *common])
+        else:
+            serve.main(["--launch", "vattn,vllm", *common])
+    assert not (tmp_path / "out.json").exists()

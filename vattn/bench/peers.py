@@ -68,6 +68,8 @@ def vllm_cores(threads: int | None) -> list[int] | None:
 
 def vllm_binding(threads: int | None) -> str:
     """How vLLM's compute threads are placed, in words (for result notes)."""
+    if os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):  # the user's own binding, which vllm_env keeps
+        return f"vLLM's compute threads as VLLM_CPU_OMP_THREADS_BIND={os.environ['VLLM_CPU_OMP_THREADS_BIND']} says"
     cores = vllm_cores(threads)
     if cores is None:
         return "vLLM's default CPU binding (compute threads on all but one reserved core)"

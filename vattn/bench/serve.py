@@ -417,6 +417,10 @@ def main(argv: list[str] | None = None) -> dict:
     if bad:
         raise ValueError(f"--launch: unknown server(s) {bad}; choose from {', '.join(SERVERS)}")
     options.positive(args, "num_requests", "max_num_seqs", "ray_replicas")
+    if "vllm" in launch:
+        from vattn.bench.peers import vllm_cores
+
+        vllm_cores(args.threads)  # more threads than cores: the error now, before any server starts
     loads = parse_loads(args)
     device = options.resolve_device(args.device)
     model, model_label = resolve_model(args.model, device)

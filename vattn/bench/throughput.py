@@ -148,7 +148,10 @@ def main(argv: list[str] | None = None) -> dict:
     wl = workload_from_args(args, cfg)
     opts = run_options(args, model, wl, device)
     specs = engine_specs(args, device)
-    from vattn.bench.peers import vllm_version
+    from vattn.bench.peers import vllm_cores, vllm_version
+
+    if any(s.kind == "vllm" for s in specs):
+        vllm_cores(opts.threads)  # more threads than cores: the error now, before any engine runs
 
     name = args.name or f"throughput_{wl.kind}"
     report = Report("throughput", device, command_line(["throughput", *argv]),
