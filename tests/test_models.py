@@ -92,6 +92,37 @@ def test_mixed_batch_logits_match_hf(family, tiny_root):
         torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("kernel", ["sdpa", "cpu"])
+def test_keep_rows_runs_the_last_layer_on_those_rows_only(family, kernel, tiny_root):
+    """forward(..., keep_rows) returns exactly the kept rows of the full forward, every token's K/V still lands in
+    every layer's cache (the next step sees the whole prompt), and the last layer's MLP sees only the kept rows."""
+    from vattn.attention import cpu_kernels
+
+    if kernel == "cpu" and not cpu_kernels.available():
+        pytest.skip("the C++ kernel cannot be built here")
+    path = get_tiny_model(family, tiny_root)
+    model, spec = load_model(path, torch.float32, "cpu")
+    a, b = prompts([9, 5], spec.vocab_size, seed=3)
+    meta = AttentionMetadata.build_contiguous([9, 5], [9, 5], [1, 3], "cpu")
+    ids = torch.tensor(a + b)
+    full_run = Runner(model, spec, kernel)  # each Runner gives the model its own caches
+    full = model(ids, meta.token_positions, meta)
+    kept_run = Runner(model, spec, kernel)
+    seen = []
+    hook = model.model.layers[-1].mlp.down_proj.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
+    keep = torch.tensor([8, 13, 2])  # the two sequences' last tokens and one more row, in any order
+    try:
+        kept = model(ids, meta.token_positions, meta, keep)
+    finally:
+        hook.remove()
+    assert seen == [3]
+    torch.testing.assert_close(kept, full[keep], atol=1e-5, rtol=1e-5)
+    for layer in range(spec.num_layers):  # the pruned forward wrote the same cache as the full one
+        torch.testing.assert_close(kept_run.k[layer], full_run.k[layer])
+        torch.testing.assert_close(kept_run.v[layer], full_run.v[layer])
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_matches_hf_generate(family, tiny_root):
     from transformers import AutoTokenizer

@@ -261,7 +261,10 @@ class LLMEngine:
             return []
         rows = [SamplingRow(s.params, s.prompt_token_ids, s.output_token_ids, s.generator,
                             tuple(self.eos_token_ids)) for s in seqs]
-        results = self.sampler(out.sample_logits[logit_rows], rows)
+        logits = out.sample_logits
+        if logit_rows != list(range(logits.shape[0])):  # forks share a row, beams left out: pick rows
+            logits = logits.index_select(0, torch.tensor(logit_rows, dtype=torch.long, device=logits.device))
+        results = self.sampler(logits, rows)
         now = time.time()
         for seq in seqs:
             metrics = self.requests[seq.request_id].metrics

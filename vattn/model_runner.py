@@ -82,8 +82,15 @@ class ModelRunner:
         meta = inputs.meta.build(self.device)
         input_ids = torch.tensor(inputs.input_ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(inputs.positions, dtype=torch.long, device=self.device)
-        hidden = self.model(input_ids, pos, meta)
-        rows = torch.tensor(inputs.sample_rows, dtype=torch.long, device=self.device)
-        sample_logits = self.model.compute_logits(hidden[rows]) if inputs.sample_rows else hidden.new_empty(0)
-        prompt_logits = [self.model.compute_logits(hidden[o:o + q]).float() for o, q in inputs.prompt_spans]
+        # Only the rows that become logits need the last layer's o_proj and MLP: sampled rows, then prompt spans.
+        keep, spans = list(inputs.sample_rows), []
+        for o, q in inputs.prompt_spans:
+            spans.append((len(keep), q))
+            keep.extend(range(o, o + q))
+        keep_rows = None if keep == list(range(len(inputs.input_ids))) else \
+            torch.tensor(keep, dtype=torch.long, device=self.device)
+        hidden = self.model(input_ids, pos, meta, keep_rows)  # [len(keep), hidden]
+        n = len(inputs.sample_rows)
+        sample_logits = self.model.compute_logits(hidden[:n]) if n else hidden.new_empty(0)
+        prompt_logits = [self.model.compute_logits(hidden[o:o + q]).float() for o, q in spans]
         return sample_logits.float(), prompt_logits

@@ -61,7 +61,8 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
 
-    def forward(self, x, cos, sin, meta, backend, fused: bool = False) -> torch.Tensor:
+    def forward(self, x, cos, sin, meta, backend, fused: bool = False, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """keep: only these rows of the output are wanted (every token's K/V is still written and attended over)."""
         T = x.shape[0]
         q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
         q = q.view(T, self.num_heads, self.head_dim)
@@ -73,8 +74,8 @@ class Attention(nn.Module):
             cpu_layers.rope_(q, cos, sin), cpu_layers.rope_(k, cos, sin)
         else:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = backend.forward(self.layer_idx, q, k, v, meta)
-        return self.o_proj(out.reshape(T, -1))
+        out = backend.forward(self.layer_idx, q, k, v, meta).reshape(T, -1)
+        return self.o_proj(out if keep is None else out.index_select(0, keep))
 
 
 class MLP(nn.Module):
@@ -103,12 +104,15 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg, tp)
 
-    def forward(self, x, cos, sin, meta, backend, fused: bool = False) -> torch.Tensor:
-        """x + attn(norm(x)), then + mlp(norm(.)). fused (CPU): our one-pass ops, the residual updated in place."""
+    def forward(self, x, cos, sin, meta, backend, fused: bool = False, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """x + attn(norm(x)), then + mlp(norm(.)). fused (CPU): our one-pass ops, the residual updated in place.
+        keep: return only these rows (after the attention, which needs every row's K/V)."""
+        h = self.self_attn(self.input_layernorm(x, fused), cos, sin, meta, backend, fused, keep)
+        if keep is not None:
+            x = x.index_select(0, keep)
         if not fused:
-            x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, backend)
+            x = x + h
             return x + self.mlp(self.post_attention_layernorm(x))
-        h = self.self_attn(self.input_layernorm(x, fused), cos, sin, meta, backend, fused)
         norm = self.post_attention_layernorm
         cpu_layers.add_rms_norm(h, x, norm.weight, norm.eps)  # x += h; h = norm(x)
         return x.add_(self.mlp(h, fused))
@@ -147,7 +151,12 @@ class CausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta,
+                keep_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """keep_rows (int64 [N], optional): the rows whose final hidden state is wanted (the ones turned into logits);
+        the last layer then runs its o_proj and MLP on those rows only, and the result is [N, hidden]. Every layer
+        still writes every token's K/V. In a prefill chunk only the last token samples, so this skips most of the
+        last layer's matrix products."""
         if self.attn_backend is None:
             raise ValueError("attn_backend is not set: assign model.attn_backend before forward")
         if input_ids.dim() != 1 or positions.shape != input_ids.shape:
@@ -159,8 +168,9 @@ class CausalLM(nn.Module):
         fused = cpu_layers.use_for(x)
         if fused:
             cos, sin = cos.view(cos.shape[0], -1), sin.view(sin.shape[0], -1)  # [T, head_dim]
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, meta, self.attn_backend, fused)
+        last = len(self.model.layers) - 1
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, meta, self.attn_backend, fused, keep_rows if i == last else None)
         return self.model.norm(x, fused)
 
     @torch.inference_mode()
