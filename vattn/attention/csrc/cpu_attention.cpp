@@ -774,7 +774,10 @@ void attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch:
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("attention", &attention, "batched causal attention over a contiguous (page=0) or paged KV cache",
+  // The calls compute without the interpreter lock (they touch no Python object), so another Python thread, such
+  // as the KV cache's page-mapping helper, runs meanwhile instead of taking turns with the step.
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("attention", &attention, nogil, "batched causal attention over a contiguous (page=0) or paged KV cache",
         py::arg("out"), py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("rows"),
         py::arg("context_lens"), py::arg("cu_query_lens"), py::arg("page"), py::arg("scale"),
         py::arg("k_new") = py::none(), py::arg("v_new") = py::none());

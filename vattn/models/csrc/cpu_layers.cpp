@@ -288,15 +288,18 @@ void packed_linear(torch::Tensor out, torch::Tensor x, torch::Tensor packed, c10
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("rms_norm", &rms_norm, "out = RMSNorm(x) * weight", py::arg("out"), py::arg("x"), py::arg("weight"),
+  // The calls compute without the interpreter lock (they touch no Python object), so another Python thread, such
+  // as the KV cache's page-mapping helper, runs meanwhile instead of taking turns with the step.
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("rms_norm", &rms_norm, nogil, "out = RMSNorm(x) * weight", py::arg("out"), py::arg("x"), py::arg("weight"),
         py::arg("eps"));
-  m.def("add_rms_norm", &add_rms_norm, "residual += x; x = RMSNorm(residual) * weight (in place)", py::arg("x"),
+  m.def("add_rms_norm", &add_rms_norm, nogil, "residual += x; x = RMSNorm(residual) * weight (in place)", py::arg("x"),
         py::arg("residual"), py::arg("weight"), py::arg("eps"));
-  m.def("silu_mul", &silu_mul, "out = silu(x[:, :I]) * x[:, I:] (float32)", py::arg("out"), py::arg("x"));
-  m.def("argmax", &argmax, "argmax of each row (first index of the max; NaN wins)", py::arg("out"), py::arg("x"));
+  m.def("silu_mul", &silu_mul, nogil, "out = silu(x[:, :I]) * x[:, I:] (float32)", py::arg("out"), py::arg("x"));
+  m.def("argmax", &argmax, nogil, "argmax of each row (first index of the max; NaN wins)", py::arg("out"), py::arg("x"));
   m.def("packed_gemm_available", &packed_gemm_available, "whether MKL's packed GEMM routines are linked in");
-  m.def("pack_weight", &pack_weight, "a float32 [out, in] weight in MKL's packed GEMM layout", py::arg("weight"));
-  m.def("packed_linear", &packed_linear, "out = x @ weight.T (+ bias) against a packed weight", py::arg("out"),
+  m.def("pack_weight", &pack_weight, nogil, "a float32 [out, in] weight in MKL's packed GEMM layout", py::arg("weight"));
+  m.def("packed_linear", &packed_linear, nogil, "out = x @ weight.T (+ bias) against a packed weight", py::arg("out"),
         py::arg("x"), py::arg("packed"), py::arg("bias") = py::none());
-  m.def("rope", &rope, "rotate-half rotary embedding, in place", py::arg("x"), py::arg("cos"), py::arg("sin"));
+  m.def("rope", &rope, nogil, "rotate-half rotary embedding, in place", py::arg("x"), py::arg("cos"), py::arg("sin"));
 }
