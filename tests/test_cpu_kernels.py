@@ -350,3 +350,36 @@ def test_no_compiler_falls_back_with_one_warning(tmp_path):
     r = subprocess.run([sys.executable, "-c", _NO_COMPILER], cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env=env)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), (r.returncode, r.stdout[-1000:], r.stderr[-3000:])
+
+
+def test_the_kernel_runs_without_the_interpreter_lock():
+    """Another Python thread runs while one long attention call computes (the page-mapping helper relies on it):
+    it records times strictly inside the call, which it could not do if the call held the interpreter lock."""
+    import threading
+    import time
+
+    kc = torch.randn(8, 4096, 4, 64)
+    vc = torch.randn_like(kc)
+    q = torch.randn(8 * 256, 8, 64)
+    rows = torch.arange(8, dtype=torch.int32)
+    ctx = torch.full((8,), 4096, dtype=torch.int32)
+    cu = torch.arange(0, 9, dtype=torch.int32) * 256
+    stamps, stop = [], threading.Event()
+
+    def beat():
+        while not stop.is_set():
+            stamps.append(time.perf_counter())
+
+    helper = threading.Thread(target=beat)
+    helper.start()
+    try:
+        time.sleep(0.01)
+        t0 = time.perf_counter()
+        cpu_kernels.contiguous_attention(q, kc, vc, rows, ctx, cu, 0.125)  # 8 x 256 queries over 4096 keys
+        t1 = time.perf_counter()
+    finally:
+        stop.set()
+        helper.join()
+    assert t1 - t0 > 0.02, "the call was too short to tell"
+    inside = [t for t in stamps if t0 + 0.25 * (t1 - t0) < t < t1 - 0.25 * (t1 - t0)]
+    assert inside, f"no beat of the other thread in the middle of a {t1 - t0:.3f} s call"
