@@ -89,3 +89,45 @@ def test_a_dead_engine_process_is_an_error_not_a_hang(path):
             remote.step()
     finally:
         remote.close()
+
+
+def test_the_engine_process_steps_ahead_of_its_caller(path):
+    """The child runs its steps without being asked: a request finishes while the parent does not call step(),
+    its pages are free by then, and every output it made still comes out of step(), in order."""
+    import time
+
+    remote = EngineProcess(config(path))
+    try:
+        remote.add_request("w", prompt_token_ids=[5, 6, 7], params=greedy(12))
+        def done(st):  # pages were mapped (finished rows keep theirs) and no live token holds one
+            return st.mapped_bytes > 0 and st.used_bytes == 0
+
+        deadline = time.monotonic() + 30
+        while not done(remote.kv_stats()) and time.monotonic() < deadline:  # answered between the child's steps
+            time.sleep(0.05)
+        assert done(remote.kv_stats())  # ran and finished with no step() call from here
+        seen = []
+        while remote.has_unfinished_requests():
+            seen += [len(o.outputs[0].token_ids) for o in remote.step()]
+        assert seen == list(range(1, 13))  # one output per step, none lost, none out of order
+        assert remote.abort("w") is None  # it finished on its own
+    finally:
+        remote.close()
+
+
+def test_add_requests_is_one_round_trip_with_an_error_per_bad_request(path):
+    remote = EngineProcess(config(path))
+    try:
+        errors = remote.add_requests([
+            dict(request_id="ok1", prompt_token_ids=[5, 6, 7], params=greedy(3)),
+            dict(request_id="bad", prompt_token_ids=[10**7], params=greedy(3)),
+            dict(request_id="ok2", prompt_token_ids=[8, 9], params=greedy(4)),
+        ])
+        assert errors[0] is None and errors[2] is None
+        assert isinstance(errors[1], ValueError) and "outside the vocabulary" in str(errors[1])
+        finals = {}
+        while remote.has_unfinished_requests():
+            finals.update({o.request_id: len(o.outputs[0].token_ids) for o in remote.step() if o.finished})
+        assert finals == {"ok1": 3, "ok2": 4}
+    finally:
+        remote.close()

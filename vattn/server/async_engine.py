@@ -202,7 +202,11 @@ class AsyncEngine:
         while self._commands:
             cmd = self._commands.popleft()
             if isinstance(cmd, _Add):
-                self._add(cmd)
+                adds = [cmd]  # a burst of arrivals goes to the engine together
+                while self._commands and isinstance(self._commands[0], _Add):
+                    adds.append(self._commands.popleft())
+                self._add(adds)
+                n += len(adds) - 1
             elif isinstance(cmd, _FailAll):
                 self._fail_all(cmd)
             else:
@@ -219,15 +223,29 @@ class AsyncEngine:
         self._live.clear()
         cmd.done.set()
 
-    def _add(self, cmd: _Add) -> None:
-        try:
-            self.engine.add_request(cmd.request_id, cmd.prompt, cmd.params, prompt_token_ids=cmd.prompt_token_ids,
-                                    arrival_time=time.time())
-        except Exception as exc:  # ValueError: a bad prompt; the handler turns it into a 400
+    def _add(self, cmds: list[_Add]) -> None:
+        """Add requests to the engine; an engine in its own process takes them in one round trip (add_requests)."""
+        now = time.time()
+        args = [dict(request_id=c.request_id, prompt=c.prompt, params=c.params, prompt_token_ids=c.prompt_token_ids,
+                     arrival_time=now) for c in cmds]
+        add_many = getattr(self.engine, "add_requests", None)
+        if add_many is not None:
+            try:
+                errors = add_many(args)
+            except Exception as exc:  # the engine process is gone: every one of them fails with its error
+                errors = [exc] * len(args)
+        else:
+            errors = []
+            for a in args:
+                try:
+                    self.engine.add_request(**a)
+                    errors.append(None)
+                except Exception as exc:  # ValueError: a bad prompt; the handler turns it into a 400
+                    errors.append(exc)
+        for cmd, exc in zip(cmds, errors):
+            if exc is None:
+                self._live[cmd.request_id] = _Tracked(cmd.group)
             cmd.group._loop.call_soon_threadsafe(_resolve, cmd.added, exc)
-            return
-        self._live[cmd.request_id] = _Tracked(cmd.group)
-        cmd.group._loop.call_soon_threadsafe(_resolve, cmd.added, None)
 
     def _abort(self, request_id: str) -> None:
         out = self.engine.abort(request_id)
