@@ -43,6 +43,7 @@ class EngineProcessError(RuntimeError):
 
 FATAL_ERRORS = ("WorkerDiedError",)  # engine errors after which it cannot go on (vattn.distributed)
 _GONE = ("gone", None)  # what the reader thread queues when the pipe closes
+_WAKE = ("wake", None)  # interrupt(): a waiting step() returns
 
 
 def _core_main(conn: Connection, config: EngineConfig) -> None:
@@ -171,6 +172,8 @@ class EngineProcess:
             self._call("resume")
         kind, payload = self._steps.popleft() if self._steps else self._next()
         while kind not in ("step", "step_error"):  # (an answer nobody waits for cannot come: one caller)
+            if kind == "wake":
+                return []
             kind, payload = self._next()
         if kind == "step_error":
             self._paused = True
@@ -180,6 +183,11 @@ class EngineProcess:
             if out.finished:
                 self._live.discard(out.request_id)
         return outputs
+
+    def interrupt(self) -> None:
+        """Make a step() that is waiting return [] now (any thread): the caller has a command for the engine, and
+        sent at once it reaches the child before its next step instead of after it."""
+        self._inbox.put(_WAKE)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._live)
@@ -240,6 +248,8 @@ class EngineProcess:
             msg = self._next()
             if msg[0] in ("step", "step_error"):
                 self._steps.append(msg)  # for the next step() call
+                continue
+            if msg[0] == "wake":  # this call is what the interrupt was for
                 continue
             return self._unwrap(msg)
 

@@ -176,6 +176,9 @@ class AsyncEngine:
             raise EngineError("the engine is not running")
         self._commands.append(cmd)
         self._wake.set()
+        interrupt = getattr(self.engine, "interrupt", None)  # an engine process steps on its own: the command
+        if interrupt is not None:                            # goes in before its next step, not after
+            interrupt()
 
     # -- the engine thread ----------------------------------------------------------------------------
     def _run(self) -> None:
