@@ -191,6 +191,18 @@ class LLMEngine:
         self.requests[request_id] = req
         self.scheduler.add(seqs[0])
 
+    def add_requests(self, requests: list[dict]) -> list[Exception | None]:
+        """add_request for each dict of its arguments; per request None, or the error that refused it (a ValueError
+        for a bad prompt), so that one bad request does not keep the others out."""
+        errors: list[Exception | None] = []
+        for args in requests:
+            try:
+                self.add_request(**args)
+                errors.append(None)
+            except Exception as exc:
+                errors.append(exc)
+        return errors
+
     def _new_seq(self, req: Request, prompt_token_ids: list[int], index: int) -> Sequence:
         params = req.params
         gen = None

@@ -56,21 +56,9 @@ def _core_main(conn: Connection, config: EngineConfig) -> None:
         conn.send(("error", _portable(exc)))
         return
     conn.send(("ok", {"max_model_len": engine.max_model_len, "spec": engine.spec, "stats": engine.stats()}))
-    def add_many(requests: list[dict]) -> list:
-        """Several adds in one command (a burst of arrivals costs one answer, not one step each): per request
-        None, or the (type name, message) of why it was refused."""
-        errors = []
-        for a in requests:
-            try:
-                engine.add_request(**a)
-                errors.append(None)
-            except Exception as exc:
-                errors.append(_portable(exc))
-        return errors
-
     calls = {
-        "add": lambda a: engine.add_request(**a),
-        "add_many": add_many,
+        # several adds in one command: a burst of arrivals costs one answer, not one step each
+        "add_many": lambda a: [None if e is None else _portable(e) for e in engine.add_requests(a)],
         "abort": engine.abort,
         "stats": lambda _: engine.stats(),
         "kv_stats": lambda _: engine.kv_stats(),
@@ -131,9 +119,10 @@ class EngineProcess:
         except queue.Empty:
             self._kill()
             raise EngineProcessError(f"the engine process did not start within {start_timeout:.0f}s") from None
-        self.max_model_len: int = self._unwrap(info)["max_model_len"]
-        self.spec = info[1]["spec"]
-        self._stats: EngineStats = info[1]["stats"]
+        info = self._unwrap(info)
+        self.max_model_len: int = info["max_model_len"]
+        self.spec = info["spec"]
+        self._stats: EngineStats = info["stats"]
         log.info("engine process %d started", self._proc.pid)
 
     @property
@@ -143,13 +132,14 @@ class EngineProcess:
     # -- the calls ----------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | None = None, params: SamplingParams | None = None,
                     prompt_token_ids: list[int] | None = None, arrival_time: float | None = None) -> None:
-        self._call("add", dict(request_id=request_id, prompt=prompt, params=params,
-                               prompt_token_ids=prompt_token_ids, arrival_time=arrival_time))
-        self._live.add(request_id)
+        [error] = self.add_requests([dict(request_id=request_id, prompt=prompt, params=params,
+                                          prompt_token_ids=prompt_token_ids, arrival_time=arrival_time)])
+        if error is not None:
+            raise error
 
     def add_requests(self, requests: list[dict]) -> list[Exception | None]:
-        """add_request for each dict of its arguments, in one round trip; per request None or the error it raised
-        (a ValueError for a bad prompt), as add_request would have."""
+        """LLMEngine.add_requests in one round trip; per request None or the error it raised (a ValueError for a
+        bad prompt)."""
         errors = [None if e is None else self._error(e) for e in self._call("add_many", requests)]
         for a, e in zip(requests, errors):
             if e is None:

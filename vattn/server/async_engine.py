@@ -227,24 +227,14 @@ class AsyncEngine:
         cmd.done.set()
 
     def _add(self, cmds: list[_Add]) -> None:
-        """Add requests to the engine; an engine in its own process takes them in one round trip (add_requests)."""
+        """Add requests to the engine together (an engine in its own process takes them in one round trip)."""
         now = time.time()
         args = [dict(request_id=c.request_id, prompt=c.prompt, params=c.params, prompt_token_ids=c.prompt_token_ids,
                      arrival_time=now) for c in cmds]
-        add_many = getattr(self.engine, "add_requests", None)
-        if add_many is not None:
-            try:
-                errors = add_many(args)
-            except Exception as exc:  # the engine process is gone: every one of them fails with its error
-                errors = [exc] * len(args)
-        else:
-            errors = []
-            for a in args:
-                try:
-                    self.engine.add_request(**a)
-                    errors.append(None)
-                except Exception as exc:  # ValueError: a bad prompt; the handler turns it into a 400
-                    errors.append(exc)
+        try:  # per request None or why it was refused (ValueError: a bad prompt; the handler answers 400)
+            errors = self.engine.add_requests(args)
+        except Exception as exc:  # the engine process is gone: every one of them fails with its error
+            errors = [exc] * len(args)
         for cmd, exc in zip(cmds, errors):
             if exc is None:
                 self._live[cmd.request_id] = _Tracked(cmd.group)
