@@ -164,6 +164,51 @@ inline float exp_sub_sum(float* x, int64_t n, float mx) {
   }
   return _mm512_reduce_add_ps(sum);
 }
+#elif defined(__AVX2__) && defined(__FMA__)
+// Eight lanes (vec_exp.h), the scalar e^x above for the tails.
+inline __m256 exp_nonpositive(__m256 x) {
+  return _mm256_and_ps(_mm256_cmp_ps(x, _mm256_set1_ps(-87.f), _CMP_NLT_UQ), vattn::exp8(x));  // x < -87: 0
+}
+
+inline float hmax(__m256 m) {
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+}
+
+inline float hsum(__m256 a) {
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
+}
+
+// max(init, x[0..n))
+inline float block_max(const float* x, int64_t n, float init) {
+  __m256 m = _mm256_set1_ps(init);
+  int64_t c = 0;
+  for (; c + 8 <= n; c += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(x + c));
+  float r = hmax(m);
+  for (; c < n; ++c) r = std::max(r, x[c]);
+  return r;
+}
+
+// x[c] = e^(x[c] - mx) in place; returns their sum.
+inline float exp_sub_sum(float* x, int64_t n, float mx) {
+  const __m256 vm = _mm256_set1_ps(mx);
+  __m256 sum = _mm256_setzero_ps();
+  int64_t c = 0;
+  for (; c + 8 <= n; c += 8) {
+    const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(x + c), vm));
+    _mm256_storeu_ps(x + c, e);
+    sum = _mm256_add_ps(sum, e);
+  }
+  float r = hsum(sum);
+  for (; c < n; ++c) {
+    x[c] = exp_nonpositive(x[c] - mx);
+    r += x[c];
+  }
+  return r;
+}
 #else
 // max(init, x[0..n)), lane-wise then a tree, so that it vectorizes without fast-math.
 inline float block_max(const float* x, int64_t n, float init) {
@@ -308,10 +353,12 @@ struct Item {
   int64_t b, kv_head, num_kv, t0, t1, cost;
 };
 
+// The decode path (one query row per kv head and query head: decode tokens, 1-row tiles), float32, D = W * DV for a
+// vector of W lanes (sixteen with AVX-512, eight with AVX2). Per kv head: every score of its G query heads first, W
+// keys at a time, then an exact softmax over the whole context, then the values with the G accumulators held in
+// registers. Each key and value row is read once.
 #if defined(__AVX512F__)
-// The decode path (one query row per kv head and query head: decode tokens, 1-row tiles), float32, D = 16 * DV.
-// Per kv head: every score of its G query heads first, sixteen keys at a time, then an exact softmax over the whole
-// context, then the values with the G accumulators held in registers. Each key and value row is read once.
+#define VATTN_DECODE_VEC 1
 
 // Lane c of the result = the sum of the lanes of a[KEY_LANE[c]]: four levels of adds over shuffled pairs (45
 // operations for sixteen dot products, where sixteen horizontal sums take about three times that). The tree leaves
@@ -336,45 +383,90 @@ inline __m512 sum16(const __m512* a) {
                        _mm512_shuffle_ps(t[0], t[1], _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-// Scores of one query row (already scaled) against up to sixteen key rows: lane c = q . k[c] (0 past nb, never read).
-template <int64_t DV>
-inline __m512 scores16(const float* q, const float* const* k, int64_t nb) {
-  __m512 qv[DV], a[16];
-  for (int64_t i = 0; i < DV; ++i) qv[i] = _mm512_loadu_ps(q + 16 * i);
-  for (int c = 0; c < 16; ++c) {
-    __m512 acc = _mm512_setzero_ps();
-    if (c < nb) {
-      for (int64_t i = 0; i < DV; ++i) acc = _mm512_fmadd_ps(qv[i], _mm512_loadu_ps(k[c] + 16 * i), acc);
-    }
-    a[KEY_SLOT[c]] = acc;
+struct Vec {  // sixteen float32 lanes; 32 registers
+  using R = __m512;
+  static constexpr int64_t W = 16, REGS = 32;
+  static constexpr bool TOUCH = true;  // load each block in memory order first (decode_rows): measured on Zen 4
+  static R zero() { return _mm512_setzero_ps(); }
+  static R load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, R x) { _mm512_storeu_ps(p, x); }
+  static R set1(float x) { return _mm512_set1_ps(x); }
+  static R fmadd(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
+  static R bor(R a, R b) { return _mm512_or_ps(a, b); }
+  static constexpr int slot(int c) { return KEY_SLOT[c]; }
+  static R sum_lanes(const R* a) { return sum16(a); }  // lane c = the sum of a[slot(c)]'s lanes
+};
+#elif defined(__AVX2__) && defined(__FMA__)
+#define VATTN_DECODE_VEC 1
+
+struct Vec {  // eight float32 lanes; 16 registers
+  using R = __m256;
+  static constexpr int64_t W = 8, REGS = 16;
+  // No touch (decode_rows): on Zen 1 (AVX2 only) the hardware prefetchers stream the head-by-head reads and the
+  // extra pass costs more than it saves (cold caches, 4-layer decode shape: 0.87x the time without it).
+  static constexpr bool TOUCH = false;
+  static R zero() { return _mm256_setzero_ps(); }
+  static R load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, R x) { _mm256_storeu_ps(p, x); }
+  static R set1(float x) { return _mm256_set1_ps(x); }
+  static R fmadd(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
+  static R bor(R a, R b) { return _mm256_or_ps(a, b); }
+  static constexpr int slot(int c) { return c; }
+  // lane c = the sum of a[c]'s lanes: pairwise adds within 128-bit halves, then the halves' sums added across.
+  static R sum_lanes(const R* a) {
+    const R t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+    const R t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+    const R u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);  // [a0..a3 low halves | a0..a3 high], a4..a7
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
   }
-  return sum16(a);
+};
+#endif
+
+#if defined(VATTN_DECODE_VEC)
+constexpr int64_t VW = Vec::W;  // lanes
+using VR = Vec::R;
+
+// Scores of one query row (already scaled) against up to VW key rows: lane c = q . k[c] (0 past nb, never read).
+template <int64_t DV>
+inline VR scores_block(const float* q, const float* const* k, int64_t nb) {
+  VR qv[DV], a[VW];
+  for (int64_t i = 0; i < DV; ++i) qv[i] = Vec::load(q + VW * i);
+  for (int c = 0; c < VW; ++c) {
+    VR acc = Vec::zero();
+    if (c < nb) {
+      for (int64_t i = 0; i < DV; ++i) acc = Vec::fmadd(qv[i], Vec::load(k[c] + VW * i), acc);
+    }
+    a[Vec::slot(c)] = acc;
+  }
+  return Vec::sum_lanes(a);
 }
 
-// acc[r] += sum_c p[r][c] v[c] over one block of nb <= 16 value rows, for NR rows whose accumulators live in
-// memory between blocks (acc[r * D ..]) and in registers within one.
+// acc[r] += sum_c p[r][c] v[c] over one block of nb <= VW value rows, for NR rows whose accumulators live in memory
+// between blocks (acc[r * D ..]) and in registers within one.
 template <int64_t DV, int64_t NR>
 inline void values_block(const float* const* v, int64_t nb, const float* p, int64_t ps, float* acc) {
-  __m512 a[NR][DV];
+  VR a[NR][DV];
   for (int64_t r = 0; r < NR; ++r) {
-    for (int64_t i = 0; i < DV; ++i) a[r][i] = _mm512_loadu_ps(acc + r * 16 * DV + 16 * i);
+    for (int64_t i = 0; i < DV; ++i) a[r][i] = Vec::load(acc + r * VW * DV + VW * i);
   }
   for (int64_t c = 0; c < nb; ++c) {
-    __m512 vv[DV];
-    for (int64_t i = 0; i < DV; ++i) vv[i] = _mm512_loadu_ps(v[c] + 16 * i);
+    VR vv[DV];
+    for (int64_t i = 0; i < DV; ++i) vv[i] = Vec::load(v[c] + VW * i);
     for (int64_t r = 0; r < NR; ++r) {
-      const __m512 pr = _mm512_set1_ps(p[r * ps + c]);
-      for (int64_t i = 0; i < DV; ++i) a[r][i] = _mm512_fmadd_ps(pr, vv[i], a[r][i]);
+      const VR pr = Vec::set1(p[r * ps + c]);
+      for (int64_t i = 0; i < DV; ++i) a[r][i] = Vec::fmadd(pr, vv[i], a[r][i]);
     }
   }
   for (int64_t r = 0; r < NR; ++r) {
-    for (int64_t i = 0; i < DV; ++i) _mm512_storeu_ps(acc + r * 16 * DV + 16 * i, a[r][i]);
+    for (int64_t i = 0; i < DV; ++i) Vec::store(acc + r * VW * DV + VW * i, a[r][i]);
   }
 }
 
-// Rows of one kv head's G query heads taken together over a block of values: as many as keep them in registers.
+// Rows of one kv head's G query heads taken together over a block of values: as many as keep their accumulators
+// and one value row in registers (at least one).
 template <int64_t DV>
-constexpr int64_t VALUE_ROWS = DV >= 8 ? 2 : DV >= 4 ? 4 : 8;
+constexpr int64_t VALUE_ROWS = Vec::REGS >= 32 ? (DV >= 8 ? 2 : DV >= 4 ? 4 : 8)
+                                               : (DV >= 8 ? 1 : DV >= 4 ? 2 : DV >= 2 ? 4 : 8);
 
 template <int64_t DV, int64_t NR = VALUE_ROWS<DV>>
 inline void values(const float* const* v, int64_t nb, const float* p, int64_t ps, float* acc, int64_t rows) {
@@ -399,28 +491,28 @@ inline void block_rows(const Layout& L, int64_t b, int64_t n0, int64_t nb, const
 template <int64_t DV, bool PAGED>
 inline void touch_block(const Layout& L, int64_t b, int64_t n0, int64_t nb, int64_t h0, int64_t h1, const float* base,
                         int64_t row_stride, int64_t pos_stride, int64_t head_stride) {
-  __m512 x = _mm512_setzero_ps();
+  VR x = Vec::zero();
   L.walk<PAGED>(b, n0, nb, [&](int64_t, int64_t row, int64_t pos) {
     const float* p = base + row * row_stride + pos * pos_stride;
     for (int64_t h = h0; h < h1; ++h) {
-      for (int64_t i = 0; i < DV; ++i) x = _mm512_or_ps(x, _mm512_loadu_ps(p + h * head_stride + 16 * i));
+      for (int64_t i = 0; i < DV; ++i) x = Vec::bor(x, Vec::load(p + h * head_stride + VW * i));
     }
   });
-  asm volatile("" : : "v"(x));  // the loads are the point: keep them
+  asm volatile("" : : "x"(x));  // the loads are the point: keep them
 }
 
 // One query row per query head, seeing keys [0, n_keys) of sequence b, kv heads [h0, h1). q and out point at the
-// token's row ([H, D] with head strides q_h, o_h). Both passes walk the positions in blocks of sixteen: the
-// arithmetic goes kv head by kv head (sixteen keys of one head, for all its G query heads), but each block is first
-// loaded in memory order (touch_block). Head by head alone jumps through memory by the position stride, which the
-// hardware prefetchers follow poorly (software prefetches did not help: the loads that miss are what stalls), and
-// this path is bound by its reads of the cache: with the touch, 0.5-0.7x the time on cold caches (Zen 4, one core).
+// token's row ([H, D] with head strides q_h, o_h). Both passes walk the positions in blocks of VW: the arithmetic
+// goes kv head by kv head (VW keys of one head, for all its G query heads), but each block is first loaded in memory
+// order (touch_block) where that measured faster (Vec::TOUCH). Head by head alone jumps through memory by the
+// position stride, which Zen 4's hardware prefetchers follow poorly (software prefetches did not help: the loads
+// that miss are what stalls): with the touch, 0.5-0.7x the time on cold caches there (one core). Zen 1's follow it.
 template <int64_t DV, bool PAGED>
 void decode_rows(const Layout& L, int64_t b, int64_t h0, int64_t h1, int64_t n_keys, int64_t G, const float* q,
                  int64_t q_h, float* out, int64_t o_h, const float* kc, const float* vc, float scale,
                  std::vector<float>& ws) {
-  constexpr int64_t D = 16 * DV, B16 = 16;  // positions per block
-  const int64_t np = (n_keys + 15) / 16 * 16, R = (h1 - h0) * G;  // a score row's stride; rows (kv head, g)
+  constexpr int64_t D = VW * DV;
+  const int64_t np = (n_keys + VW - 1) / VW * VW, R = (h1 - h0) * G;  // a score row's stride; rows (kv head, g)
   ws.resize(R * np + 2 * R * D + R);
   float* s = ws.data();      // [R, np] scores, then probabilities
   float* qs = s + R * np;    // [R, D] scaled queries
@@ -430,20 +522,22 @@ void decode_rows(const Layout& L, int64_t b, int64_t h0, int64_t h1, int64_t n_k
     const float* src = q + (h0 * G + r) * q_h;
     for (int64_t d = 0; d < D; ++d) qs[r * D + d] = src[d] * scale;
   }
-  // Positions per touch: blocks of sixteen until about 8 KiB, a quarter of L1 (measured: 16 KiB blocks of 1 KiB
-  // rows best at 16, 256-byte rows best at 32; touching past L1's size evicts the block before it is used).
-  int64_t tb = B16;
-  while (tb < 4 * B16 && tb * (h1 - h0) * D * static_cast<int64_t>(sizeof(float)) < 8192) tb *= 2;
-  const float* rows[B16];
-  for (int64_t n0 = 0; n0 < n_keys; n0 += B16) {
-    const int64_t nb = std::min(B16, n_keys - n0);
-    if (n0 % tb == 0) touch_block<DV, PAGED>(L, b, n0, std::min(tb, n_keys - n0), h0, h1, kc, L.k_row, L.k_pos, L.k_head);
+  // Positions per touch: blocks of VW, doubled up to 64 while under about 8 KiB, a quarter of L1 (measured on Zen 4:
+  // 16 KiB blocks of 1 KiB rows best at 16, 256-byte rows best at 32; touching past L1's size evicts the block
+  // before it is used).
+  int64_t tb = VW;
+  while (tb < 64 && tb * (h1 - h0) * D * static_cast<int64_t>(sizeof(float)) < 8192) tb *= 2;
+  const float* rows[VW];
+  for (int64_t n0 = 0; n0 < n_keys; n0 += VW) {
+    const int64_t nb = std::min(VW, n_keys - n0);
+    if (Vec::TOUCH && n0 % tb == 0) {
+      touch_block<DV, PAGED>(L, b, n0, std::min(tb, n_keys - n0), h0, h1, kc, L.k_row, L.k_pos, L.k_head);
+    }
     for (int64_t h = h0; h < h1; ++h) {
       block_rows<PAGED>(L, b, n0, nb, kc, L.k_row, L.k_pos, h * L.k_head, rows);
       for (int64_t g = 0; g < G; ++g) {
         const int64_t r = (h - h0) * G + g;
-        const __m512 sc = scores16<DV>(qs + r * D, rows, nb);
-        _mm512_mask_storeu_ps(s + r * np + n0, static_cast<__mmask16>((1u << nb) - 1), sc);
+        Vec::store(s + r * np + n0, scores_block<DV>(qs + r * D, rows, nb));  // (lanes past nb: 0, within np)
       }
     }
   }
@@ -453,9 +547,11 @@ void decode_rows(const Layout& L, int64_t b, int64_t h0, int64_t h1, int64_t n_k
     inv[r] = 1.f / exp_sub_sum(sr, n_keys, mx);
   }
   std::fill(acc, acc + R * D, 0.f);
-  for (int64_t n0 = 0; n0 < n_keys; n0 += B16) {
-    const int64_t nb = std::min(B16, n_keys - n0);
-    if (n0 % tb == 0) touch_block<DV, PAGED>(L, b, n0, std::min(tb, n_keys - n0), h0, h1, vc, L.v_row, L.v_pos, L.v_head);
+  for (int64_t n0 = 0; n0 < n_keys; n0 += VW) {
+    const int64_t nb = std::min(VW, n_keys - n0);
+    if (Vec::TOUCH && n0 % tb == 0) {
+      touch_block<DV, PAGED>(L, b, n0, std::min(tb, n_keys - n0), h0, h1, vc, L.v_row, L.v_pos, L.v_head);
+    }
     for (int64_t h = h0; h < h1; ++h) {
       block_rows<PAGED>(L, b, n0, nb, vc, L.v_row, L.v_pos, h * L.v_head, rows);
       for (int64_t g0 = 0; g0 < G; g0 += VALUE_ROWS<DV>) {
@@ -601,13 +697,13 @@ void attend(const Layout& L, const Item& it, const T* q, T* out, const T* kc, co
   }
 }
 
-// Items of one query row go to the decode path where it applies (float32, AVX-512, head_dim 16/32/64/128); false:
-// the caller runs the general one.
+// Items of one query row go to the decode path where it applies (float32, AVX-512 or AVX2 + FMA, head_dim 16/32/64/
+// 128); false: the caller runs the general one.
 template <typename T, bool PAGED>
 bool decode_item(const Layout& L, const Item& it, const T* q, T* out, const T* kc, const T* vc, const int32_t* cu,
                  const int32_t* ctxs, int64_t G, int64_t D, int64_t q_t, int64_t q_h, int64_t o_t, int64_t o_h,
                  float scale, std::vector<float>& ws) {
-#if defined(__AVX512F__)
+#if defined(VATTN_DECODE_VEC)
   if constexpr (std::is_same_v<T, float>) {
     if (it.t1 - it.t0 != 1) return false;
     const int64_t b = it.b, t = cu[b] + it.t0, n_keys = ctxs[b] - (cu[b + 1] - cu[b]) + it.t1;
@@ -616,10 +712,10 @@ bool decode_item(const Layout& L, const Item& it, const T* q, T* out, const T* k
   decode_rows<DV, PAGED>(L, b, h0, h1, n_keys, G, q + t * q_t, q_h, out + t * o_t, o_h, kc, vc, scale, ws); \
   return true;
     switch (D) {
-      case 16: VATTN_DECODE(1)
-      case 32: VATTN_DECODE(2)
-      case 64: VATTN_DECODE(4)
-      case 128: VATTN_DECODE(8)
+      case 16: VATTN_DECODE(16 / VW)
+      case 32: VATTN_DECODE(32 / VW)
+      case 64: VATTN_DECODE(64 / VW)
+      case 128: VATTN_DECODE(128 / VW)
       default: return false;
     }
 #undef VATTN_DECODE

@@ -23,7 +23,7 @@
 #include <limits>
 #include <vector>
 
-#include "vec_exp.h"  // vattn/csrc/: e^x, 16 lanes (also immintrin.h)
+#include "vec_exp.h"  // vattn/csrc/: e^x, 16 or 8 lanes (also immintrin.h)
 
 namespace {
 
@@ -138,6 +138,18 @@ inline __m512 silu_mul16(__m512 g, __m512 u) {
 }
 #endif
 
+#if defined(__AVX2__) && defined(__FMA__)
+// The same, eight lanes (AVX2 machines: without it the loop below calls libm's expf once per element).
+inline __m256 exp8(__m256 x) {
+  return vattn::exp8(_mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.f)));
+}
+
+inline __m256 silu_mul8(__m256 g, __m256 u) {
+  const __m256 den = _mm256_add_ps(_mm256_set1_ps(1.f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), g)));
+  return _mm256_mul_ps(_mm256_div_ps(g, den), u);
+}
+#endif
+
 // out[t, j] = silu(x[t, j]) * x[t, I + j] for float32 x [T, 2I] (the fused gate|up projection's output): one pass
 // where torch's silu and mul take two, with a temporary between them.
 void silu_mul(torch::Tensor out, torch::Tensor x) {
@@ -164,6 +176,8 @@ void silu_mul(torch::Tensor out, torch::Tensor x) {
         _mm512_mask_storeu_ps(o + j, m, silu_mul16(_mm512_maskz_loadu_ps(m, g + j), _mm512_maskz_loadu_ps(m, u + j)));
         j = I;
       }
+#elif defined(__AVX2__) && defined(__FMA__)
+      for (; j + 8 <= I; j += 8) _mm256_storeu_ps(o + j, silu_mul8(_mm256_loadu_ps(g + j), _mm256_loadu_ps(u + j)));
 #endif
       for (; j < I; ++j) o[j] = g[j] / (1.f + std::exp(-g[j])) * u[j];
     }
@@ -185,6 +199,18 @@ int64_t row_argmax(const float* x, int64_t n) {
   }
   float best = _mm512_reduce_max_ps(m);
   bool has_nan = nan != 0;
+#elif defined(__AVX2__)
+  __m256 m = _mm256_set1_ps(-std::numeric_limits<float>::infinity()), nan = _mm256_setzero_ps();
+  for (; c + 8 <= n; c += 8) {
+    const __m256 v = _mm256_loadu_ps(x + c);
+    nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    m = _mm256_max_ps(m, v);  // (a NaN spoils m, but then `best` goes unused)
+  }
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_max_ss(h, _mm_movehdup_ps(h));
+  float best = _mm_cvtss_f32(h);
+  bool has_nan = _mm256_movemask_ps(nan) != 0;
 #else
   float best = -std::numeric_limits<float>::infinity();
   bool has_nan = false;
@@ -199,6 +225,13 @@ int64_t row_argmax(const float* x, int64_t n) {
   for (; i + 16 <= n; i += 16) {
     const __m512 v = _mm512_loadu_ps(x + i);
     const __mmask16 hit = has_nan ? _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q) : _mm512_cmp_ps_mask(v, vb, _CMP_EQ_OQ);
+    if (hit) return i + __builtin_ctz(hit);
+  }
+#elif defined(__AVX2__)
+  const __m256 vb = _mm256_set1_ps(best);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    const int hit = _mm256_movemask_ps(has_nan ? _mm256_cmp_ps(v, v, _CMP_UNORD_Q) : _mm256_cmp_ps(v, vb, _CMP_EQ_OQ));
     if (hit) return i + __builtin_ctz(hit);
   }
 #endif
