@@ -47,10 +47,11 @@ def cpu_model() -> str:
 
 
 def machine_label(device: str) -> str:
-    """The GPU's name on cuda, else the CPU model and core count."""
+    """The GPU's name on cuda, else the CPU model, core count and vector capability (a VM's model name can be as
+    bare as 'AMD EPYC' on CPUs generations apart, and our kernels differ by capability: AVX512 or AVX2)."""
     if device == "cuda":
         return torch.cuda.get_device_name()
-    return f"{cpu_model()} ({os.cpu_count()} cpus)"
+    return f"{cpu_model()} ({os.cpu_count()} cpus, {torch.backends.cpu.get_cpu_capability()})"
 
 
 def results_dir(device: str) -> Path:
