@@ -498,7 +498,7 @@ inline void touch_block(const Layout& L, int64_t b, int64_t n0, int64_t nb, int6
       for (int64_t i = 0; i < DV; ++i) x = Vec::bor(x, Vec::load(p + h * head_stride + VW * i));
     }
   });
-  asm volatile("" : : "x"(x));  // the loads are the point: keep them
+  asm volatile("" : : "v"(x));  // the loads are the point: keep them
 }
 
 // One query row per query head, seeing keys [0, n_keys) of sequence b, kv heads [h0, h1). q and out point at the
